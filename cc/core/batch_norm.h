@@ -1,0 +1,85 @@
+// tfbn core: Batch Normalization math, framework-free (no TensorFlow, no Python).
+//
+// Every tensor is viewed as [outer, channels, inner] (see Layout): NHWC is inner == 1,
+// NCHW is outer == N. Statistics are accumulated in double and returned in U (float for
+// half/bfloat16/float data, double for double data). Reductions use a block partition that
+// depends on the shape only, and partials are merged in a fixed order, so results are
+// bitwise identical for any number of threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace tfbn {
+
+struct Layout {
+  int64_t outer = 0;
+  int64_t channels = 0;
+  int64_t inner = 0;
+  int64_t per_channel() const { return outer * inner; }  // m: elements reduced per channel
+  int64_t size() const { return outer * channels * inner; }
+};
+
+// Runs fn(begin, end) over sub-ranges that together cover [0, n) exactly once, possibly
+// on several threads. cost_per_item is a rough cycle count per item, used for sharding.
+using RangeFn = std::function<void(int64_t begin, int64_t end)>;
+using ParallelFor = std::function<void(int64_t n, int64_t cost_per_item, const RangeFn& fn)>;
+
+// A ParallelFor that runs everything on the calling thread.
+const ParallelFor& SerialFor();
+
+// ---- Building blocks (shared by the fused ops and, later, synchronized BN). ----
+
+// Per-channel mean and M2 = sum of squared deviations from the mean, in double.
+// An empty reduction (m == 0) gives NaN for both.
+template <typename T>
+void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
+                    const ParallelFor& parallel_for);
+
+// y = ((x - hi) - lo) * a + b per channel. The mean is split into hi + lo so the
+// subtraction keeps the data's precision when the mean is far from zero.
+template <typename T, typename U>
+void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
+                 const U* b, T* y, const ParallelFor& parallel_for);
+
+// Per-channel sum(dy) and sum(dy * (x - mean)) in double, with mean = hi + lo.
+template <typename T, typename U>
+void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+              double* sum_dy, double* sum_dy_xc, const ParallelFor& parallel_for);
+
+// dx = ga * dy + gb * ((x - hi) - lo) + gc per channel. With gb == gc == nullptr the
+// last two terms are skipped and x is not read (inference backward).
+template <typename T, typename U>
+void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+               const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for);
+
+// ---- The fused op, as TensorFlow and the Python module call it. ----
+
+struct ForwardArgs {
+  float epsilon = 1e-3f;
+  bool training = true;
+};
+
+// Training: batch mean and biased variance are computed and written to batch_mean /
+// batch_variance; mean_residual receives lo = mean - U(mean), which the backward pass
+// needs to rebuild the centred input exactly. Inference: mean/variance are used and
+// copied to batch_mean/batch_variance; mean_residual is set to zero.
+// scale/offset may be nullptr (1 and 0). mean/variance are ignored in training.
+template <typename T, typename U>
+void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U* offset,
+                      const U* mean, const U* variance, const ForwardArgs& args, T* y,
+                      U* batch_mean, U* batch_variance, U* mean_residual,
+                      const ParallelFor& parallel_for);
+
+// Gradient of BatchNormForward. mean/variance are the statistics the forward pass used
+// (its batch_mean/batch_variance in training), mean_residual its residual (nullptr = 0).
+// d_batch_mean/d_batch_variance (nullptr = 0) are the gradients reaching the forward's
+// statistics outputs in training; they are folded into dx. scale nullptr means 1.
+template <typename T, typename U>
+void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale,
+                       const U* mean, const U* mean_residual, const U* variance,
+                       const U* d_batch_mean, const U* d_batch_variance,
+                       const ForwardArgs& args, T* dx, U* dscale, U* doffset,
+                       const ParallelFor& parallel_for);
+
+}  // namespace tfbn

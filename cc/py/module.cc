@@ -1,0 +1,221 @@
+// pybind11 module tfbn._core: the core CPU kernels on NumPy arrays, without TensorFlow.
+// Used by the tests (core vs. a float64 reference) and by the benchmarks (bandwidth floor).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "core/batch_norm.h"
+
+namespace py = pybind11;
+
+namespace tfbn {
+namespace {
+
+// Splits [0, n) into one contiguous range per thread. The core's results do not depend
+// on how the work is split.
+ParallelFor ThreadsFor(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return [threads](int64_t n, int64_t, const RangeFn& fn) {
+    const int64_t k = std::min<int64_t>(threads, n);
+    if (k <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < k; ++t) pool.emplace_back(fn, n * t / k, n * (t + 1) / k);
+    fn(0, n / k);
+    for (auto& th : pool) th.join();
+  };
+}
+
+enum class Kind { kHalf, kBFloat16, kFloat, kDouble };
+
+Kind KindOf(const py::array& a, const char* name) {
+  const py::dtype dt = a.dtype();
+  const std::string dname = py::str(dt.attr("name"));
+  if (dname == "float16") return Kind::kHalf;
+  if (dname == "bfloat16") return Kind::kBFloat16;
+  if (dname == "float32") return Kind::kFloat;
+  if (dname == "float64") return Kind::kDouble;
+  throw std::invalid_argument(std::string("tfbn: ") + name +
+                              " must be float16, bfloat16, float32 or float64, got " + dname);
+}
+
+py::array Contiguous(const py::array& a) {
+  if (a.flags() & py::array::c_style) return a;
+  return py::module_::import("numpy").attr("ascontiguousarray")(a);
+}
+
+Layout ViewAs(const py::array& x, int axis) {
+  const int rank = static_cast<int>(x.ndim());
+  if (rank < 2)
+    throw std::invalid_argument("tfbn: x must have rank >= 2, got rank " + std::to_string(rank));
+  if (axis < -rank || axis >= rank)
+    throw std::invalid_argument("tfbn: axis = " + std::to_string(axis) +
+                                " is out of range for x of rank " + std::to_string(rank));
+  if (axis < 0) axis += rank;
+  Layout layout{1, x.shape(axis), 1};
+  for (int d = 0; d < axis; ++d) layout.outer *= x.shape(d);
+  for (int d = axis + 1; d < rank; ++d) layout.inner *= x.shape(d);
+  return layout;
+}
+
+// A per-channel vector as a contiguous array of U; None gives an empty array.
+template <typename U>
+py::array_t<U> ChannelVector(const py::object& v, const char* name, int64_t channels,
+                             bool allow_none) {
+  if (v.is_none()) {
+    if (allow_none) return py::array_t<U>(0);
+    throw std::invalid_argument(std::string("tfbn: ") + name + " is required");
+  }
+  auto a = py::array_t<U, py::array::c_style | py::array::forcecast>::ensure(v);
+  if (!a || a.ndim() != 1 || a.shape(0) != channels)
+    throw std::invalid_argument(std::string("tfbn: ") + name +
+                                " must be a vector of length C = " + std::to_string(channels));
+  return a;
+}
+
+template <typename U>
+const U* PtrOrNull(const py::array_t<U>& a) {
+  return a.size() == 0 ? nullptr : a.data();
+}
+
+void CheckEpsilon(float epsilon) {
+  if (!(epsilon > 0.0f && std::isfinite(epsilon)))
+    throw std::invalid_argument("tfbn: epsilon must be positive and finite, got " +
+                                std::to_string(epsilon));
+}
+
+template <typename T, typename U>
+py::tuple Forward(py::array x, const py::object& scale, const py::object& offset,
+                  const py::object& mean, const py::object& variance, int axis, float epsilon,
+                  bool training, int threads) {
+  const Layout layout = ViewAs(x, axis);
+  const int64_t C = layout.channels;
+  auto s = ChannelVector<U>(scale, "scale", C, true);
+  auto o = ChannelVector<U>(offset, "offset", C, true);
+  auto mu = ChannelVector<U>(mean, "mean", C, training);
+  auto var = ChannelVector<U>(variance, "variance", C, training);
+  py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  py::array_t<U> bm(C), bv(C), reserve(C);
+  const T* xp = static_cast<const T*>(x.data());
+  T* yp = static_cast<T*>(y.mutable_data());
+  const U *sp = PtrOrNull(s), *op = PtrOrNull(o), *mp = PtrOrNull(mu), *vp = PtrOrNull(var);
+  U *bmp = bm.mutable_data(), *bvp = bv.mutable_data(), *rp = reserve.mutable_data();
+  {
+    py::gil_scoped_release release;
+    BatchNormForward<T, U>(layout, xp, sp, op, mp, vp, ForwardArgs{epsilon, training}, yp, bmp,
+                           bvp, rp, ThreadsFor(threads));
+  }
+  return py::make_tuple(y, bm, bv, reserve);
+}
+
+template <typename T, typename U>
+py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py::object& mean,
+                   const py::object& variance, const py::object& reserve,
+                   const py::object& d_batch_mean, const py::object& d_batch_variance, int axis,
+                   float epsilon, bool training, int threads) {
+  const Layout layout = ViewAs(x, axis);
+  const int64_t C = layout.channels;
+  auto s = ChannelVector<U>(scale, "scale", C, true);
+  auto mu = ChannelVector<U>(mean, "mean", C, false);
+  auto var = ChannelVector<U>(variance, "variance", C, false);
+  auto res = ChannelVector<U>(reserve, "reserve", C, true);
+  auto dm = ChannelVector<U>(d_batch_mean, "d_batch_mean", C, true);
+  auto dv = ChannelVector<U>(d_batch_variance, "d_batch_variance", C, true);
+  py::array dx(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  py::array_t<U> dscale(C), doffset(C);
+  const T* dyp = static_cast<const T*>(dy.data());
+  const T* xp = static_cast<const T*>(x.data());
+  T* dxp = static_cast<T*>(dx.mutable_data());
+  const U *sp = PtrOrNull(s), *mp = mu.data(), *vp = var.data(), *rp = PtrOrNull(res),
+          *dmp = PtrOrNull(dm), *dvp = PtrOrNull(dv);
+  U *dsp = dscale.mutable_data(), *dop = doffset.mutable_data();
+  {
+    py::gil_scoped_release release;
+    BatchNormBackward<T, U>(layout, dyp, xp, sp, mp, rp, vp, dmp, dvp,
+                            ForwardArgs{epsilon, training}, dxp, dsp, dop, ThreadsFor(threads));
+  }
+  return py::make_tuple(dx, dscale, doffset);
+}
+
+py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& offset,
+                     const py::object& mean, const py::object& variance, int axis,
+                     float epsilon, bool training, int threads) {
+  CheckEpsilon(epsilon);
+  x = Contiguous(x);
+  switch (KindOf(x, "x")) {
+    case Kind::kHalf:
+      return Forward<Eigen::half, float>(x, scale, offset, mean, variance, axis, epsilon,
+                                         training, threads);
+    case Kind::kBFloat16:
+      return Forward<Eigen::bfloat16, float>(x, scale, offset, mean, variance, axis, epsilon,
+                                             training, threads);
+    case Kind::kFloat:
+      return Forward<float, float>(x, scale, offset, mean, variance, axis, epsilon, training,
+                                   threads);
+    case Kind::kDouble:
+      break;
+  }
+  return Forward<double, double>(x, scale, offset, mean, variance, axis, epsilon, training,
+                                 threads);
+}
+
+py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
+                      const py::object& mean, const py::object& variance,
+                      const py::object& reserve, const py::object& d_batch_mean,
+                      const py::object& d_batch_variance, int axis, float epsilon,
+                      bool training, int threads) {
+  CheckEpsilon(epsilon);
+  x = Contiguous(x);
+  dy = Contiguous(dy);
+  const Kind kind = KindOf(x, "x");
+  if (KindOf(dy, "dy") != kind || dy.ndim() != x.ndim() ||
+      !std::equal(x.shape(), x.shape() + x.ndim(), dy.shape()))
+    throw std::invalid_argument("tfbn: dy must have the dtype and shape of x");
+  switch (kind) {
+    case Kind::kHalf:
+      return Backward<Eigen::half, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+                                          d_batch_variance, axis, epsilon, training, threads);
+    case Kind::kBFloat16:
+      return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, reserve,
+                                              d_batch_mean, d_batch_variance, axis, epsilon,
+                                              training, threads);
+    case Kind::kFloat:
+      return Backward<float, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+                                    d_batch_variance, axis, epsilon, training, threads);
+    case Kind::kDouble:
+      break;
+  }
+  return Backward<double, double>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+                                  d_batch_variance, axis, epsilon, training, threads);
+}
+
+}  // namespace
+}  // namespace tfbn
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "tfbn core kernels on NumPy arrays (CPU), without TensorFlow.";
+  m.def("batch_norm_forward", &tfbn::ForwardAny, py::arg("x"), py::arg("scale") = py::none(),
+        py::arg("offset") = py::none(), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::kw_only(), py::arg("axis") = -1,
+        py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("threads") = 0,
+        "Returns (y, batch_mean, batch_variance, reserve).");
+  m.def("batch_norm_backward", &tfbn::BackwardAny, py::arg("dy"), py::arg("x"),
+        py::arg("scale") = py::none(), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::arg("reserve") = py::none(),
+        py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
+        py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f,
+        py::arg("training") = true, py::arg("threads") = 0,
+        "Returns (dx, dscale, doffset).");
+}

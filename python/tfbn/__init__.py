@@ -1,0 +1,12 @@
+"""tfbn: fused Batch Normalization for TensorFlow and a Keras 3 drop-in layer.
+
+`import tfbn` loads the compiled op library (once) and registers the ops' gradients and
+the Keras layer for serialization.
+"""
+
+from ._library import build_info
+from .ops import batch_norm
+from .layers import BatchNormalization
+
+__version__ = "0.1.0"
+__all__ = ["batch_norm", "BatchNormalization", "build_info", "__version__"]

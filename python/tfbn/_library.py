@@ -1,0 +1,63 @@
+"""Finds and loads the compiled op library once, with errors that say how to fix it."""
+
+import os
+
+import tensorflow as tf
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+OPS_LIBRARY_PATH = os.path.join(_HERE, "_tfbn_ops.so")
+_REBUILD = (
+    "Rebuild tfbn against the installed TensorFlow: from the tfbn source tree run "
+    "`pip install --no-build-isolation --force-reinstall .` (or `make install`)."
+)
+
+
+def _built_for():
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return _build_info.TENSORFLOW_VERSION
+
+
+def _load():
+    built_for = _built_for()
+    if not os.path.exists(OPS_LIBRARY_PATH):
+        raise ImportError(
+            f"tfbn: the op library {OPS_LIBRARY_PATH} is missing (tfbn was not built, or "
+            f"was installed without its compiled part). It must be built for TensorFlow "
+            f"{tf.__version__}, the one installed. {_REBUILD}"
+        )
+    if built_for is not None and built_for != tf.__version__:
+        raise ImportError(
+            f"tfbn: the op library {OPS_LIBRARY_PATH} was built for TensorFlow {built_for}, "
+            f"but TensorFlow {tf.__version__} is installed; custom ops only load into the "
+            f"TensorFlow they were built with. {_REBUILD}"
+        )
+    try:
+        return tf.load_op_library(OPS_LIBRARY_PATH)
+    except (tf.errors.NotFoundError, tf.errors.OpError, OSError) as err:
+        raise ImportError(
+            f"tfbn: could not load the op library {OPS_LIBRARY_PATH} (built for TensorFlow "
+            f"{built_for or 'unknown'}, running TensorFlow {tf.__version__}): {err}. "
+            f"{_REBUILD}"
+        ) from err
+
+
+ops = _load()
+
+
+def build_info():
+    """What this build contains: TensorFlow version, CUDA kernels and architectures, XLA."""
+    from . import _build_info as b
+
+    archs = [a for a in b.CUDA_ARCHITECTURES.replace(",", ";").split(";") if a]
+    return {
+        "tensorflow_version": b.TENSORFLOW_VERSION,
+        "cxx11_abi": b.CXX11_ABI,
+        "cuda": b.CUDA,
+        "cuda_architectures": archs,
+        "xla": b.XLA,
+        "compiler": b.COMPILER,
+        "ops_library": OPS_LIBRARY_PATH,
+    }

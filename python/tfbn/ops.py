@@ -1,0 +1,228 @@
+"""Python API of the fused op, and its first- and second-order gradients."""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from ._library import ops as _ops
+
+_DATA_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def param_dtype(x_dtype):
+    """Statistics and parameters: float64 for float64 data, float32 otherwise."""
+    return tf.float64 if x_dtype == tf.float64 else tf.float32
+
+
+def _check_epsilon(epsilon):
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise TypeError(f"tfbn.batch_norm: epsilon must be a number, got epsilon={epsilon!r}")
+    # The op keeps epsilon as a float32 attribute: it must stay positive there too.
+    if not (math.isfinite(eps) and eps > 0 and np.float32(eps) > 0):
+        raise ValueError(
+            f"tfbn.batch_norm: epsilon must be positive and finite, got epsilon={epsilon!r}"
+        )
+    return eps
+
+
+def _check_param(value, name, x, dtype):
+    if value is None:
+        return None
+    value = tf.convert_to_tensor(value)
+    if value.dtype != dtype:
+        raise TypeError(
+            f"tfbn.batch_norm: {name} must be {dtype.name} for x of dtype {x.dtype.name}, "
+            f"got {name} of dtype {value.dtype.name}"
+        )
+    return value
+
+
+def batch_norm(
+    x,
+    scale=None,
+    offset=None,
+    mean=None,
+    variance=None,
+    *,
+    axis=-1,
+    epsilon=1e-3,
+    training=True,
+    name=None,
+):
+    """Fused Batch Normalization over channel `axis` of `x` (rank >= 2).
+
+    Returns `(y, batch_mean, batch_variance)`. In training the statistics are those of the
+    batch (biased variance) and `mean`/`variance` are ignored; in inference `mean` and
+    `variance` are required and returned as given. `scale`/`offset` None mean 1/0.
+    x is float16, bfloat16, float32 or float64; the other arguments are float32
+    (float64 for float64 x).
+    """
+    with tf.name_scope(name or "tfbn_batch_norm"):
+        x = tf.convert_to_tensor(x)
+        if x.dtype not in _DATA_DTYPES:
+            raise TypeError(
+                "tfbn.batch_norm: x must be float16, bfloat16, float32 or float64, "
+                f"got x of dtype {x.dtype.name}"
+            )
+        if not isinstance(training, (bool, np.bool_)):
+            raise TypeError(
+                f"tfbn.batch_norm: training must be a Python bool, got training={training!r}"
+            )
+        training = bool(training)
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise TypeError(f"tfbn.batch_norm: axis must be an int, got axis={axis!r}")
+        axis = int(axis)
+        eps = _check_epsilon(epsilon)
+        dtype = param_dtype(x.dtype)
+        scale = _check_param(scale, "scale", x, dtype)
+        offset = _check_param(offset, "offset", x, dtype)
+        mean = _check_param(mean, "mean", x, dtype)
+        variance = _check_param(variance, "variance", x, dtype)
+        if not training and (mean is None or variance is None):
+            raise ValueError(
+                "tfbn.batch_norm: mean and variance are required when training=False "
+                f"(got mean={'None' if mean is None else 'a tensor'}, "
+                f"variance={'None' if variance is None else 'a tensor'})"
+            )
+        rank = x.shape.rank
+        if rank is not None and rank < 2:
+            raise ValueError(
+                f"tfbn.batch_norm: x must have rank >= 2, got shape {x.shape} (rank {rank})"
+            )
+        if rank is not None and not -rank <= axis < rank:
+            raise ValueError(
+                f"tfbn.batch_norm: axis={axis} is out of range for x of rank {rank} "
+                f"(shape {x.shape})"
+            )
+        if scale is None or offset is None:
+            channels = x.shape[axis] if rank is not None else None
+            if channels is None:
+                channels = tf.shape(x)[axis]
+            if scale is None:
+                scale = tf.ones([channels], dtype)
+            if offset is None:
+                offset = tf.zeros([channels], dtype)
+        if training:  # the op ignores given statistics in training
+            mean = variance = tf.zeros([0], dtype)
+        y, batch_mean, batch_variance, _ = _ops.tfbn_batch_norm(
+            x, scale, offset, mean, variance, epsilon=eps, axis=axis, is_training=training
+        )
+        return y, batch_mean, batch_variance
+
+
+def _attrs(op):
+    return {k: op.get_attr(k) for k in ("epsilon", "axis", "is_training")}
+
+
+def _zeros_if_none(grad, like):
+    return tf.zeros_like(like) if grad is None else grad
+
+
+@tf.RegisterGradient("TfbnBatchNorm")
+def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
+    x, scale, _, mean, variance = op.inputs
+    attrs = _attrs(op)
+    dy = _zeros_if_none(dy, x)
+    empty = tf.zeros([0], scale.dtype)
+    if attrs["is_training"]:
+        # The op's statistics outputs depend on x: their gradients are folded into dx.
+        dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
+            dy, x, scale, op.outputs[1], op.outputs[2], op.outputs[3],
+            empty if d_batch_mean is None else d_batch_mean,
+            empty if d_batch_variance is None else d_batch_variance,
+            **attrs,
+        )
+        return dx, dscale, doffset, None, None
+    dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
+        dy, x, scale, mean, variance, empty, empty, empty, **attrs
+    )
+    # y = (x - mean) * r * scale + offset with r = rsqrt(variance + eps); the statistics
+    # outputs are the inputs passed through.
+    r = tf.math.rsqrt(variance + tf.cast(attrs["epsilon"], variance.dtype))
+    dmean = -scale * r * doffset
+    dvariance = -0.5 * scale * r * r * dscale
+    if d_batch_mean is not None:
+        dmean += d_batch_mean
+    if d_batch_variance is not None:
+        dvariance += d_batch_variance
+    return dx, dscale, doffset, dmean, dvariance
+
+
+def _as_3d(t, axis):
+    """[outer, C, inner] view of t (as the op sees it)."""
+    shape = tf.shape(t, out_type=tf.int64)
+    outer = tf.reduce_prod(shape[:axis])
+    inner = tf.reduce_prod(shape[axis + 1 :])
+    return tf.reshape(t, tf.stack([outer, shape[axis], inner]))
+
+
+def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, axis, training):
+    """The backward formula as differentiable TensorFlow ops (for second-order grads).
+
+    In training, mean and variance are recomputed from x so that their dependence on x
+    is part of the derivative.
+    """
+    dtype = scale.dtype
+    x3 = _as_3d(tf.cast(x, dtype), axis)
+    dy3 = _as_3d(tf.cast(dy, dtype), axis)
+    col = lambda v: v[None, :, None]  # noqa: E731
+    eps = tf.cast(epsilon, dtype)
+    if training:
+        mean = tf.reduce_mean(x3, axis=[0, 2])
+        variance = tf.reduce_mean(tf.square(x3 - col(mean)), axis=[0, 2])
+    r = tf.math.rsqrt(variance + eps)
+    xc = x3 - col(mean)
+    xhat = xc * col(r)
+    doffset = tf.reduce_sum(dy3, axis=[0, 2])
+    dscale = tf.reduce_sum(dy3 * xhat, axis=[0, 2])
+    if training:
+        m = tf.cast(tf.shape(x3)[0] * tf.shape(x3)[2], dtype)
+        dx3 = col(scale * r) * (dy3 - col(doffset / m) - xhat * col(dscale / m))
+        if d_mean is not None:
+            dx3 += col(d_mean / m)
+        if d_var is not None:
+            dx3 += col(2.0 * d_var / m) * xc
+    else:
+        dx3 = col(scale * r) * dy3
+    dx = tf.cast(tf.reshape(dx3, tf.shape(x)), x.dtype)
+    return dx, dscale, doffset
+
+
+def _present(v):
+    """A per-channel gradient input, or None where the op got an empty one."""
+    return None if (v.shape.rank == 1 and v.shape[0] == 0) else v
+
+
+@tf.RegisterGradient("TfbnBatchNormGrad")
+def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset):
+    dy, x, scale, mean, variance, _reserve, d_mean, d_var = op.inputs
+    attrs = _attrs(op)
+    training = attrs["is_training"]
+    axis = attrs["axis"]
+    if x.shape.rank is None:
+        raise ValueError("tfbn: second-order gradients need x of known rank")
+    if axis < 0:
+        axis += x.shape.rank
+    d_mean, d_var = (_present(d_mean), _present(d_var)) if training else (None, None)
+    sources = [dy, x, scale]
+    if training:
+        sources += [v for v in (d_mean, d_var) if v is not None]
+    else:
+        sources += [mean, variance]
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        outputs = _composite_backward(
+            dy, x, scale, mean, variance, d_mean, d_var, attrs["epsilon"], axis, training
+        )
+    upstream = [_zeros_if_none(g, o) for g, o in zip((ddx, ddscale, ddoffset), outputs)]
+    grads = tape.gradient(outputs, sources, output_gradients=upstream)
+    g_dy, g_x, g_scale = grads[:3]
+    if not training:
+        return g_dy, g_x, g_scale, grads[3], grads[4], None, None, None
+    rest = iter(grads[3:])
+    g_dmean = next(rest) if d_mean is not None else None
+    g_dvar = next(rest) if d_var is not None else None
+    return g_dy, g_x, g_scale, None, None, None, g_dmean, g_dvar
