@@ -1,0 +1,874 @@
+// CUDA kernels and launchers for the core Batch Normalization math (see batch_norm_cuda.h
+// for the contract and batch_norm_cpu.cc for the reference these kernels follow).
+//
+// Structure, per direction: a reduction kernel writes per-block double partials into the
+// workspace; a small finalize kernel merges them in a fixed order and turns them into
+// per-channel coefficients (the same formulas as the CPU code, evaluated in double); an
+// elementwise kernel applies the coefficients. Two layouts of the [outer, C, inner] view:
+//   rows   (inner == 1, channels last): a thread owns kVec adjacent channels and walks rows;
+//   planes (inner > 1): a block owns one channel and a range of its outer*inner elements.
+//
+// Determinism: what each thread sums, in which order, and how blocks and threads are merged
+// depends on the shape and dtype only. Vector loads are an implementation detail of the
+// same element order (the scalar fallback for misaligned data visits the same elements in
+// the same order), so alignment does not change the bits either. The file is compiled with
+// --fmad=false: no multiply-add contraction, so the arithmetic is the CPU code's.
+#include "core/batch_norm_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#ifndef __CUDACC__
+#error "batch_norm_cuda.cu must be compiled by nvcc"
+#endif
+
+namespace tfbn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block of the reduction and apply kernels
+// Loads in flight per thread and input: fewer for two inputs, to keep registers (and so
+// resident warps) in check; the bytes in flight per thread stay the same.
+template <class Op>
+constexpr int kUnroll = Op::kInputs == 2 ? 2 : 4;
+constexpr int kReduceMinBlocks = 2;  // per SM: caps registers at 128
+constexpr int kApplyMinBlocks = 3;   // per SM: caps registers at 80
+constexpr int kApplyRowsMinBlocks = 2;  // keeps 4 x kVec coefficients per thread in registers
+// Reduction partition: about kTargetBlocks blocks over the whole tensor, none smaller than
+// kMinBlockElements, at most kMaxBlocks partials per channel. Shape-only constants.
+constexpr int64_t kTargetBlocks = 1024;
+constexpr int64_t kMinBlockElements = 16384;
+constexpr int64_t kMaxBlocks = 1024;
+constexpr int kFinalizeThreads = 1024;
+constexpr int64_t kMaxGridY = 65535;
+constexpr size_t kWorkspaceAlign = 256;
+
+// ---- element types ----
+
+template <typename T>
+struct Num;
+template <>
+struct Num<__half> {
+  using U = float;
+  static __device__ __forceinline__ float ToU(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half FromU(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using U = float;
+  static __device__ __forceinline__ float ToU(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 FromU(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+template <>
+struct Num<float> {
+  using U = float;
+  static __device__ __forceinline__ float ToU(float v) { return v; }
+  static __device__ __forceinline__ float FromU(float v) { return v; }
+};
+template <>
+struct Num<double> {
+  using U = double;
+  static __device__ __forceinline__ double ToU(double v) { return v; }
+  static __device__ __forceinline__ double FromU(double v) { return v; }
+};
+
+template <typename T>
+using ParamT = typename Num<T>::U;
+
+template <typename T>
+__device__ __forceinline__ double ToDouble(T v) {
+  return static_cast<double>(Num<T>::ToU(v));
+}
+
+// Elements per 16-byte vector: the group size of both layouts.
+template <typename T>
+constexpr int kVec = static_cast<int>(16 / sizeof(T));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> LoadPack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+template <typename T, int N>
+__device__ __forceinline__ void StorePack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// Start of block b of nb over [0, n): floor(n * b / nb) without overflow (b < nb <= 2^20).
+__host__ __device__ __forceinline__ int64_t Split(int64_t b, int64_t nb, int64_t n) {
+  return (n / nb) * b + ((n % nb) * b) / nb;
+}
+
+// ---- reduction operators: two per-channel double sums ----
+
+// Moments: sums of d = x - shift and d^2, shift = the channel's first sample (as the CPU).
+template <typename T_>
+struct MomentsOp {
+  using T = T_;
+  static constexpr int kInputs = 1;
+  const T* a;  // x
+  const T* b;  // unused
+  int64_t inner;
+  __device__ double Center(int64_t c) const { return ToDouble(a[c * inner]); }
+  __device__ void Add(T va, T, double center, double& s1, double& s2) const {
+    const double d = ToDouble(va) - center;
+    s1 += d;
+    s2 += d * d;
+  }
+};
+
+// Gradient sums: sum(dy) and sum(dy * (x - mean)), mean = hi + lo in double.
+template <typename T_>
+struct GradSumsOp {
+  using T = T_;
+  using U = ParamT<T>;
+  static constexpr int kInputs = 2;
+  const T* a;  // dy
+  const T* b;  // x
+  const U* hi;
+  const U* lo;  // nullable
+  __device__ double Center(int64_t c) const {
+    return static_cast<double>(hi[c]) + (lo ? static_cast<double>(lo[c]) : 0.0);
+  }
+  __device__ void Add(T va, T vb, double center, double& s1, double& s2) const {
+    const double g = ToDouble(va);
+    s1 += g;
+    s2 += g * (ToDouble(vb) - center);
+  }
+};
+
+// Loads kVec channels c0.. of one row; past C (misaligned path only) gives zero.
+template <typename T, bool kAligned>
+__device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t offset,
+                                                       int64_t left) {
+  constexpr int V = kVec<T>;
+  if constexpr (kAligned) {
+    return LoadPack<T, V>(p + offset);
+  } else {
+    Pack<T, V> r;
+#pragma unroll
+    for (int l = 0; l < V; ++l) r.v[l] = l < left ? p[offset + l] : Num<T>::FromU(0);
+    return r;
+  }
+}
+
+// Rows layout [rows, C]. Block (tile, b): channels of tile, rows [Split(b), Split(b+1)).
+// Thread (tx, ty) owns kVec channels and rows r = begin + ty + k * TY, summed in that order;
+// the TY partial sums of a channel are merged by a fixed tree in shared memory.
+template <class Op, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
+    ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb,
+                     double* partial) {
+  using T = typename Op::T;
+  constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int64_t tile = blockIdx.x % tiles, b = blockIdx.x / tiles;
+  const int64_t c0 = (tile * TX + tx) * V;
+  const int64_t r_end = Split(b + 1, nb, rows);
+  double s1[V], s2[V], center[V];
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    s1[l] = 0.0;
+    s2[l] = 0.0;
+    center[l] = c0 + l < C ? op.Center(c0 + l) : 0.0;
+  }
+  if (c0 < C) {
+    const int64_t left = C - c0;
+    int64_t r = Split(b, nb, rows) + ty;
+    for (; r + (kU - 1) * TY < r_end; r += kU * TY) {
+      Pack<T, V> va[kU], vb[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t off = (r + u * TY) * C + c0;
+        va[u] = LoadRowGroup<T, kAligned>(op.a, off, left);
+        if constexpr (Op::kInputs == 2) vb[u] = LoadRowGroup<T, kAligned>(op.b, off, left);
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+          const T vbl = Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l];
+          op.Add(va[u].v[l], vbl, center[l], s1[l], s2[l]);
+        }
+    }
+    for (; r < r_end; r += TY) {
+      const int64_t off = r * C + c0;
+      const Pack<T, V> va = LoadRowGroup<T, kAligned>(op.a, off, left);
+      Pack<T, V> vb = va;
+      if constexpr (Op::kInputs == 2) vb = LoadRowGroup<T, kAligned>(op.b, off, left);
+#pragma unroll
+      for (int l = 0; l < V; ++l) op.Add(va.v[l], vb.v[l], center[l], s1[l], s2[l]);
+    }
+  }
+  // Shared memory [2][TY][V][TX]: conflict-free across tx.
+  extern __shared__ double smem[];
+  double* sm1 = smem;
+  double* sm2 = smem + TY * V * TX;
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    sm1[(ty * V + l) * TX + tx] = s1[l];
+    sm2[(ty * V + l) * TX + tx] = s2[l];
+  }
+  for (int s = TY / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (ty < s) {
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        sm1[(ty * V + l) * TX + tx] += sm1[((ty + s) * V + l) * TX + tx];
+        sm2[(ty * V + l) * TX + tx] += sm2[((ty + s) * V + l) * TX + tx];
+      }
+    }
+  }
+  if (ty == 0) {
+#pragma unroll
+    for (int l = 0; l < V; ++l)
+      if (c0 + l < C) {
+        partial[2 * b * C + c0 + l] = sm1[l * TX + tx];
+        partial[(2 * b + 1) * C + c0 + l] = sm2[l * TX + tx];
+      }
+  }
+}
+
+// Sum over the block of one double per thread, fixed shuffle tree then warps in order.
+// The result is valid in thread 0.
+__device__ __forceinline__ double BlockSum(double v, double* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    v = smem[0];
+    for (int w = 1; w < kThreads / 32; ++w) v += smem[w];
+  }
+  return v;
+}
+
+// Loads the kVec elements g*kVec.. of channel c's [outer, inner] sequence, starting at
+// (o, i); elements past m (misaligned path only) give zero and are not summed.
+template <typename T, bool kAligned>
+__device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o, int64_t i,
+                                                         int64_t inner, int64_t plane_stride,
+                                                         int valid) {
+  constexpr int V = kVec<T>;
+  if constexpr (kAligned) {
+    return LoadPack<T, V>(p + o * plane_stride + i);
+  } else {
+    Pack<T, V> r;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      r.v[l] = l < valid ? p[o * plane_stride + i] : Num<T>::FromU(0);
+      if (++i == inner) {
+        i = 0;
+        ++o;
+      }
+    }
+    return r;
+  }
+}
+
+// Planes layout [outer, C, inner]. Block (c, b) sums groups [Split(b), Split(b+1)) of
+// channel c (a group is kVec consecutive elements of its outer*inner sequence); thread t
+// takes groups begin + t + k * kThreads in that order. kAligned: inner % kVec == 0 and
+// 16-byte aligned data, so a group is one vector load inside one plane.
+template <class Op, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
+    ReducePlanesKernel(Op op, int64_t outer, int64_t C, int64_t inner, int64_t nb,
+                       double* partial) {
+  using T = typename Op::T;
+  constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  __shared__ double smem[kThreads / 32];
+  const int64_t c = blockIdx.x % C, b = blockIdx.x / C;
+  const int64_t m = outer * inner;
+  const int64_t groups = (m + V - 1) / V;
+  const int64_t g_end = Split(b + 1, nb, groups);
+  const double center = op.Center(c);
+  double s1 = 0.0, s2 = 0.0;
+  int64_t g = Split(b, nb, groups) + threadIdx.x;
+  if (g < g_end) {
+    const int64_t plane_stride = C * inner;
+    const T* pa = op.a + c * inner;
+    const T* pb = Op::kInputs == 2 ? op.b + c * inner : pa;
+    int64_t o = g * V / inner, i = g * V - o * inner;
+    constexpr int64_t kStep = int64_t{kThreads} * V;
+    const int64_t step_o = kStep / inner, step_i = kStep - step_o * inner;
+    while (g < g_end) {
+      Pack<T, V> va[kU], vb[kU];
+      int valid[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t gu = g + int64_t{u} * kThreads;
+        valid[u] = gu < g_end ? static_cast<int>(min(int64_t{V}, m - gu * V)) : 0;
+        if (valid[u] > 0) {
+          va[u] = LoadPlaneGroup<T, kAligned>(pa, o, i, inner, plane_stride, valid[u]);
+          if constexpr (Op::kInputs == 2)
+            vb[u] = LoadPlaneGroup<T, kAligned>(pb, o, i, inner, plane_stride, valid[u]);
+        }
+        i += step_i;
+        o += step_o;
+        if (i >= inner) {
+          i -= inner;
+          ++o;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int l = 0; l < V; ++l)
+          if (l < valid[u]) {
+            const T vbl = Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l];
+            op.Add(va[u].v[l], vbl, center, s1, s2);
+          }
+      g += int64_t{kU} * kThreads;
+    }
+  }
+  s1 = BlockSum(s1, smem);
+  s2 = BlockSum(s2, smem);
+  if (threadIdx.x == 0) {
+    partial[2 * b * C + c] = s1;
+    partial[(2 * b + 1) * C + c] = s2;
+  }
+}
+
+// ---- finalize: partials -> statistics and coefficients ----
+
+struct Sums {
+  double s1, s2;
+};
+
+// Merges partial[b][k][c] over b for the block's channels: thread row ty sums
+// b = ty, ty + FY, ... in order, then rows merge by a fixed tree. Valid in row ty == 0.
+__device__ __forceinline__ Sums MergePartials(const double* partial, int64_t C, int64_t nb,
+                                              int64_t c) {
+  __shared__ double sm1[kFinalizeThreads], sm2[kFinalizeThreads];
+  const int tx = threadIdx.x, ty = threadIdx.y, FX = blockDim.x, FY = blockDim.y;
+  double s1 = 0.0, s2 = 0.0;
+  if (c < C) {
+    int64_t b = ty;
+    for (; b + 3 * FY < nb; b += 4 * FY) {  // four loads in flight, summed in order
+      double p1[4], p2[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        p1[u] = partial[2 * (b + u * FY) * C + c];
+        p2[u] = partial[(2 * (b + u * FY) + 1) * C + c];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        s1 += p1[u];
+        s2 += p2[u];
+      }
+    }
+    for (; b < nb; b += FY) {
+      s1 += partial[2 * b * C + c];
+      s2 += partial[(2 * b + 1) * C + c];
+    }
+  }
+  sm1[ty * FX + tx] = s1;
+  sm2[ty * FX + tx] = s2;
+  for (int s = FY / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (ty < s) {
+      sm1[ty * FX + tx] += sm1[(ty + s) * FX + tx];
+      sm2[ty * FX + tx] += sm2[(ty + s) * FX + tx];
+    }
+  }
+  return {sm1[tx], sm2[tx]};  // meaningful in row 0, which wrote it last
+}
+
+// Forward coefficients: coef[0..3][c] = hi, lo, a, b with y = ((x - hi) - lo) * a + b.
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    ForwardFinalizeKernel(const T* x, int64_t inner, int64_t C, int64_t nb, int64_t m,
+                          const double* partial, const ParamT<T>* scale,
+                          const ParamT<T>* offset, const ParamT<T>* mean,
+                          const ParamT<T>* variance, float epsilon, bool training,
+                          ParamT<T>* batch_mean, ParamT<T>* batch_variance,
+                          ParamT<T>* residual, ParamT<T>* coef) {
+  using U = ParamT<T>;
+  const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  const auto [s1, s2] = MergePartials(partial, C, nb, c);
+  if (threadIdx.y != 0 || c >= C) return;
+  const double eps = static_cast<double>(epsilon);
+  const double md = static_cast<double>(m);
+  double var;
+  U hi, lo;
+  if (training) {
+    double mean_d, m2;
+    if (m == 0) {
+      mean_d = __longlong_as_double(0x7ff8000000000000LL);  // NaN, as the CPU code
+      m2 = mean_d;
+    } else {
+      const double shift = ToDouble(x[c * inner]);
+      const double d = s1 / md;
+      mean_d = shift + d;
+      const double v = s2 - s1 * d;
+      m2 = v < 0.0 ? 0.0 : v;
+    }
+    var = m2 / md;
+    hi = static_cast<U>(mean_d);
+    lo = static_cast<U>(mean_d - static_cast<double>(hi));
+  } else {
+    var = static_cast<double>(variance[c]);
+    hi = mean[c];
+    lo = U(0);
+  }
+  batch_mean[c] = hi;
+  batch_variance[c] = training ? static_cast<U>(var) : variance[c];
+  residual[c] = lo;
+  const double inv_std = 1.0 / sqrt(var + eps);
+  coef[c] = hi;
+  coef[C + c] = lo;
+  coef[2 * C + c] = static_cast<U>(inv_std * (scale ? static_cast<double>(scale[c]) : 1.0));
+  coef[3 * C + c] = offset ? offset[c] : U(0);
+}
+
+// Backward coefficients: coef[0..4][c] = hi, lo, ga, gb, gc with
+// dx = ga * dy + gb * ((x - hi) - lo) + gc (training) or dx = ga * dy (inference).
+template <typename U>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    BackwardFinalizeKernel(int64_t C, int64_t nb, int64_t m, const double* partial,
+                           const U* scale, const U* mean, const U* residual, const U* variance,
+                           const U* d_batch_mean, const U* d_batch_variance, float epsilon,
+                           bool training, U* dscale, U* doffset, U* coef) {
+  const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  const auto [sum_dy, sum_dy_xc] = MergePartials(partial, C, nb, c);
+  if (threadIdx.y != 0 || c >= C) return;
+  const double eps = static_cast<double>(epsilon);
+  const double md = static_cast<double>(m);
+  const double r = 1.0 / sqrt(static_cast<double>(variance[c]) + eps);
+  const double s = scale ? static_cast<double>(scale[c]) : 1.0;
+  const bool empty = m == 0;
+  doffset[c] = static_cast<U>(sum_dy);
+  dscale[c] = empty ? U(0) : static_cast<U>(r * sum_dy_xc);
+  coef[c] = mean[c];
+  coef[C + c] = residual ? residual[c] : U(0);
+  coef[2 * C + c] = static_cast<U>(s * r);
+  U gb = U(0), gc = U(0);
+  if (training && !empty) {
+    const double dmu = d_batch_mean ? static_cast<double>(d_batch_mean[c]) : 0.0;
+    const double dvar = d_batch_variance ? static_cast<double>(d_batch_variance[c]) : 0.0;
+    gb = static_cast<U>(-s * r * r * r * sum_dy_xc / md + 2.0 * dvar / md);
+    gc = static_cast<U>(-s * r * sum_dy / md + dmu / md);
+  }
+  coef[3 * C + c] = gb;
+  coef[4 * C + c] = gc;
+}
+
+// ---- elementwise operators ----
+// Each reads kCount coefficient rows starting at row kFirst of the [rows][C] table.
+
+template <typename T_>
+struct ForwardApply {  // y = ((x - hi) - lo) * a + b
+  using T = T_;
+  using U = ParamT<T>;
+  static constexpr int kInputs = 1, kFirst = 0, kCount = 4;
+  static __device__ __forceinline__ T Apply(T x, T, const U* k) {
+    return Num<T>::FromU(((Num<T>::ToU(x) - k[0]) - k[1]) * k[2] + k[3]);
+  }
+};
+
+template <typename T_>
+struct GradApply {  // dx = ga * dy + gb * ((x - hi) - lo) + gc
+  using T = T_;
+  using U = ParamT<T>;
+  static constexpr int kInputs = 2, kFirst = 0, kCount = 5;
+  static __device__ __forceinline__ T Apply(T dy, T x, const U* k) {
+    return Num<T>::FromU(k[2] * Num<T>::ToU(dy) + k[3] * ((Num<T>::ToU(x) - k[0]) - k[1]) +
+                         k[4]);
+  }
+};
+
+template <typename T_>
+struct GradApplyDyOnly {  // dx = ga * dy (inference)
+  using T = T_;
+  using U = ParamT<T>;
+  static constexpr int kInputs = 1, kFirst = 2, kCount = 1;
+  static __device__ __forceinline__ T Apply(T dy, T, const U* k) {
+    return Num<T>::FromU(k[0] * Num<T>::ToU(dy));
+  }
+};
+
+// Rows layout with C % kVec == 0 and aligned data: a thread keeps the coefficients of its
+// kVec channels in registers and walks rows blockIdx.y * TY + ty + k * gridDim.y * TY.
+template <class Op>
+__global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
+    ApplyRowsKernel(const typename Op::T* a, const typename Op::T* b,
+                    const typename Op::U* coef, typename Op::T* out, int64_t rows, int64_t C) {
+  using T = typename Op::T;
+  using U = typename Op::U;
+  constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int64_t c0 = (int64_t{blockIdx.x} * TX + threadIdx.x) * V;
+  if (c0 >= C) return;
+  U k[V][Op::kCount];
+#pragma unroll
+  for (int l = 0; l < V; ++l)
+#pragma unroll
+    for (int j = 0; j < Op::kCount; ++j) k[l][j] = coef[(Op::kFirst + j) * C + c0 + l];
+  const int64_t stride = int64_t{gridDim.y} * TY;
+  for (int64_t r = int64_t{blockIdx.y} * TY + threadIdx.y; r < rows; r += kU * stride) {
+    Pack<T, V> va[kU], vb[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t ru = r + u * stride;
+      if (ru < rows) {
+        va[u] = LoadPack<T, V>(a + ru * C + c0);
+        if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + ru * C + c0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t ru = r + u * stride;
+      if (ru < rows) {
+        Pack<T, V> o;
+#pragma unroll
+        for (int l = 0; l < V; ++l)
+          o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], k[l]);
+        StorePack<T, V>(out + ru * C + c0, o);
+      }
+    }
+  }
+}
+
+// Any layout, flattened: groups of V elements that share a channel (V == 1, or planes
+// with inner % V == 0 and aligned data). Thread groups g = first + k * stride; the channel
+// is tracked incrementally (step_i = (stride*V) % inner, step_c = ((stride*V) / inner) % C,
+// both computed on the host) so the loop needs no division.
+template <class Op, int V>
+__global__ void __launch_bounds__(kThreads, kApplyMinBlocks)
+    ApplyFlatKernel(const typename Op::T* a, const typename Op::T* b,
+                    const typename Op::U* coef, typename Op::T* out, int64_t groups, int64_t C,
+                    int64_t inner, int64_t step_i, int64_t step_c) {
+  using T = typename Op::T;
+  using U = typename Op::U;
+  constexpr int kU = kUnroll<Op>;
+  int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (g >= groups) return;
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  const int64_t e = g * V;
+  const int64_t plane = e / inner;
+  int64_t i = e - plane * inner;
+  int64_t c = plane % C;
+  for (; g < groups; g += kU * stride) {
+    Pack<T, V> va[kU], vb[kU];
+    U k[kU][Op::kCount];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t gu = g + u * stride;
+      if (gu < groups) {
+        va[u] = LoadPack<T, V>(a + gu * V);
+        if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + gu * V);
+#pragma unroll
+        for (int j = 0; j < Op::kCount; ++j) k[u][j] = coef[(Op::kFirst + j) * C + c];
+      }
+      i += step_i;
+      c += step_c;
+      if (i >= inner) {
+        i -= inner;
+        ++c;
+      }
+      if (c >= C) c -= C;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t gu = g + u * stride;
+      if (gu < groups) {
+        Pack<T, V> o;
+#pragma unroll
+        for (int l = 0; l < V; ++l)
+          o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], k[u]);
+        StorePack<T, V>(out + gu * V, o);
+      }
+    }
+  }
+}
+
+// ---- plans (host) ----
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int Pow2AtLeast(int64_t n, int cap) {
+  int p = 1;
+  while (p < n && p < cap) p *= 2;
+  return p;
+}
+
+// The reduction partition: a function of (layout, vector width) only.
+struct ReducePlan {
+  bool rows = false;  // inner == 1
+  int tx = 1, ty = 1;  // rows: threads over channel groups x rows
+  int64_t tiles = 1;   // rows: channel tiles of tx * kVec channels
+  int64_t nb = 0;      // blocks per channel (0: nothing to reduce)
+  int64_t grid() const { return nb * tiles; }
+};
+
+ReducePlan MakeReducePlan(const Layout& layout, int vec, bool reduce) {
+  ReducePlan p;
+  const int64_t C = layout.channels, m = layout.per_channel();
+  p.rows = layout.inner == 1;
+  if (!reduce || m == 0 || C == 0) return p;
+  if (p.rows) {
+    const int64_t groups = CeilDiv(C, vec);
+    p.tx = Pow2AtLeast(groups, 32);
+    p.ty = kThreads / p.tx;
+    p.tiles = CeilDiv(groups, p.tx);
+    const int64_t tile_channels = std::min<int64_t>(C, int64_t{p.tx} * vec);
+    const int64_t want = std::min(CeilDiv(kTargetBlocks, p.tiles),
+                                  CeilDiv(m * tile_channels, kMinBlockElements));
+    p.nb = std::clamp<int64_t>(want, 1, std::min(m, kMaxBlocks));
+  } else {
+    p.tiles = C;
+    const int64_t groups = CeilDiv(m, vec);
+    const int64_t want =
+        std::min(CeilDiv(kTargetBlocks, C), CeilDiv(m, kMinBlockElements));
+    p.nb = std::clamp<int64_t>(want, 1, std::min(groups, kMaxBlocks));
+  }
+  return p;
+}
+
+size_t AlignUp(size_t n) { return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+
+struct WorkspacePlan {
+  size_t partial_bytes = 0;  // [nb][2][C] doubles
+  size_t coef_bytes = 0;     // [rows][C] U
+  size_t total() const { return partial_bytes + coef_bytes; }
+};
+
+WorkspacePlan MakeWorkspacePlan(const Layout& layout, const ReducePlan& plan, size_t param_bytes,
+                                int coef_rows) {
+  WorkspacePlan w;
+  const size_t C = static_cast<size_t>(layout.channels);
+  w.partial_bytes = AlignUp(static_cast<size_t>(plan.nb) * 2 * C * sizeof(double));
+  w.coef_bytes = AlignUp(static_cast<size_t>(coef_rows) * C * param_bytes);
+  return w;
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Finalize kernels: FX channels x FY partial rows per block.
+dim3 FinalizeBlock(int64_t C) {
+  const int fx = Pow2AtLeast(C, 32);
+  return dim3(fx, kFinalizeThreads / fx);
+}
+
+template <class Op>
+void LaunchReduce(const Op& op, const Layout& layout, const ReducePlan& plan, bool aligned,
+                  double* partial, cudaStream_t stream) {
+  using T = typename Op::T;
+  const unsigned grid = static_cast<unsigned>(plan.grid());
+  if (plan.rows) {
+    const dim3 block(plan.tx, plan.ty);
+    const size_t smem = 2 * size_t{kThreads} * kVec<T> * sizeof(double);
+    if (aligned)
+      ReduceRowsKernel<Op, true><<<grid, block, smem, stream>>>(
+          op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+    else
+      ReduceRowsKernel<Op, false><<<grid, block, smem, stream>>>(
+          op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+  } else if (aligned) {
+    ReducePlanesKernel<Op, true><<<grid, kThreads, 0, stream>>>(
+        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
+  } else {
+    ReducePlanesKernel<Op, false><<<grid, kThreads, 0, stream>>>(
+        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
+  }
+}
+
+template <class Op, int V>
+void LaunchApplyFlat(const typename Op::T* a, const typename Op::T* b,
+                     const typename Op::U* coef, typename Op::T* out, const Layout& layout,
+                     cudaStream_t stream) {
+  const int64_t groups = layout.size() / V;
+  const int64_t blocks = std::min<int64_t>(CeilDiv(groups, int64_t{kThreads} * kUnroll<Op>),
+                                           int64_t{1} << 20);
+  const int64_t step = blocks * kThreads * V;
+  const int64_t step_i = step % layout.inner;
+  const int64_t step_c = (step / layout.inner) % layout.channels;
+  ApplyFlatKernel<Op, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      a, b, coef, out, groups, layout.channels, layout.inner, step_i, step_c);
+}
+
+// Elementwise pass: vectorized rows or planes when the layout and pointers allow it,
+// otherwise one element per thread step (same results, vectors only change the loads).
+template <class Op>
+void LaunchApply(const typename Op::T* a, const typename Op::T* b, const typename Op::U* coef,
+                 typename Op::T* out, const Layout& layout, cudaStream_t stream) {
+  using T = typename Op::T;
+  constexpr int V = kVec<T>;
+  if (layout.size() == 0) return;
+  const bool ptrs = Aligned16(a) && Aligned16(out) && (Op::kInputs == 1 || Aligned16(b));
+  if (layout.inner == 1 && layout.channels % V == 0 && ptrs) {
+    const int64_t groups = layout.channels / V;
+    const int tx = Pow2AtLeast(groups, 32), ty = kThreads / tx;
+    const int64_t tiles = CeilDiv(groups, tx);
+    const int64_t row_blocks =
+        std::min(CeilDiv(layout.outer, int64_t{ty} * kUnroll<Op>), kMaxGridY);
+    ApplyRowsKernel<Op><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks)),
+                          dim3(tx, ty), 0, stream>>>(a, b, coef, out, layout.outer,
+                                                     layout.channels);
+  } else if (layout.inner > 1 && layout.inner % V == 0 && ptrs) {
+    LaunchApplyFlat<Op, V>(a, b, coef, out, layout, stream);
+  } else {
+    LaunchApplyFlat<Op, 1>(a, b, coef, out, layout, stream);
+  }
+}
+
+// Grid x of the reduction and finalize kernels is at most INT_MAX blocks.
+bool GridFits(const Layout& layout, const ReducePlan& plan) {
+  return plan.grid() <= INT_MAX && layout.channels <= INT_MAX;
+}
+
+// ---- typed launchers ----
+
+template <typename T>
+cudaError_t Forward(const Layout& layout, const T* x, const ParamT<T>* scale,
+                    const ParamT<T>* offset, const ParamT<T>* mean, const ParamT<T>* variance,
+                    const ForwardArgs& args, T* y, ParamT<T>* batch_mean,
+                    ParamT<T>* batch_variance, ParamT<T>* residual, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream) {
+  using U = ParamT<T>;
+  const int64_t C = layout.channels;
+  if (C == 0) return cudaSuccess;
+  const ReducePlan plan = MakeReducePlan(layout, kVec<T>, args.training);
+  const WorkspacePlan w = MakeWorkspacePlan(layout, plan, sizeof(U), 4);
+  if (workspace_bytes < w.total() || !GridFits(layout, plan)) return cudaErrorInvalidValue;
+  double* partial = static_cast<double*>(workspace);
+  U* coef = reinterpret_cast<U*>(static_cast<char*>(workspace) + w.partial_bytes);
+  if (plan.nb > 0) {
+    const bool aligned = Aligned16(x) && (plan.rows ? C : layout.inner) % kVec<T> == 0;
+    LaunchReduce(MomentsOp<T>{x, nullptr, layout.inner}, layout, plan, aligned, partial,
+                 stream);
+  }
+  const dim3 fblock = FinalizeBlock(C);
+  ForwardFinalizeKernel<T><<<static_cast<unsigned>(CeilDiv(C, fblock.x)), fblock, 0, stream>>>(
+      x, layout.inner, C, plan.nb, layout.per_channel(), partial, scale, offset, mean,
+      variance, args.epsilon, args.training, batch_mean, batch_variance, residual, coef);
+  LaunchApply<ForwardApply<T>>(x, nullptr, coef, y, layout, stream);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t Backward(const Layout& layout, const T* dy, const T* x, const ParamT<T>* scale,
+                     const ParamT<T>* mean, const ParamT<T>* residual,
+                     const ParamT<T>* variance, const ParamT<T>* d_batch_mean,
+                     const ParamT<T>* d_batch_variance, const ForwardArgs& args, T* dx,
+                     ParamT<T>* dscale, ParamT<T>* doffset, void* workspace,
+                     size_t workspace_bytes, cudaStream_t stream) {
+  using U = ParamT<T>;
+  const int64_t C = layout.channels;
+  if (C == 0) return cudaSuccess;
+  const ReducePlan plan = MakeReducePlan(layout, kVec<T>, true);
+  const WorkspacePlan w = MakeWorkspacePlan(layout, plan, sizeof(U), 5);
+  if (workspace_bytes < w.total() || !GridFits(layout, plan)) return cudaErrorInvalidValue;
+  double* partial = static_cast<double*>(workspace);
+  U* coef = reinterpret_cast<U*>(static_cast<char*>(workspace) + w.partial_bytes);
+  if (plan.nb > 0) {
+    const bool aligned = Aligned16(dy) && Aligned16(x) &&
+                         (plan.rows ? C : layout.inner) % kVec<T> == 0;
+    LaunchReduce(GradSumsOp<T>{dy, x, mean, residual}, layout, plan, aligned, partial, stream);
+  }
+  const dim3 fblock = FinalizeBlock(C);
+  BackwardFinalizeKernel<U><<<static_cast<unsigned>(CeilDiv(C, fblock.x)), fblock, 0, stream>>>(
+      C, plan.nb, layout.per_channel(), partial, scale, mean, residual, variance, d_batch_mean,
+      d_batch_variance, args.epsilon, args.training, dscale, doffset, coef);
+  if (args.training)
+    LaunchApply<GradApply<T>>(dy, x, coef, dx, layout, stream);
+  else
+    LaunchApply<GradApplyDyOnly<T>>(dy, nullptr, coef, dx, layout, stream);
+  return cudaGetLastError();
+}
+
+int VecOf(DType t) { return static_cast<int>(16 / ElementBytes(t)); }
+
+}  // namespace
+
+size_t ForwardWorkspaceBytes(DType dtype, const Layout& layout, bool training) {
+  const ReducePlan plan = MakeReducePlan(layout, VecOf(dtype), training);
+  return MakeWorkspacePlan(layout, plan, ParamBytes(dtype), 4).total();
+}
+
+size_t BackwardWorkspaceBytes(DType dtype, const Layout& layout) {
+  const ReducePlan plan = MakeReducePlan(layout, VecOf(dtype), true);
+  return MakeWorkspacePlan(layout, plan, ParamBytes(dtype), 5).total();
+}
+
+cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x,
+                             const void* scale, const void* offset, const void* mean,
+                             const void* variance, const ForwardArgs& args, void* y,
+                             void* batch_mean, void* batch_variance, void* mean_residual,
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+#define TFBN_FORWARD(T)                                                                     \
+  Forward<T>(layout, static_cast<const T*>(x), static_cast<const ParamT<T>*>(scale),        \
+             static_cast<const ParamT<T>*>(offset), static_cast<const ParamT<T>*>(mean),    \
+             static_cast<const ParamT<T>*>(variance), args, static_cast<T*>(y),             \
+             static_cast<ParamT<T>*>(batch_mean), static_cast<ParamT<T>*>(batch_variance),  \
+             static_cast<ParamT<T>*>(mean_residual), workspace, workspace_bytes, stream)
+  switch (dtype) {
+    case DType::kHalf: return TFBN_FORWARD(__half);
+    case DType::kBFloat16: return TFBN_FORWARD(__nv_bfloat16);
+    case DType::kFloat: return TFBN_FORWARD(float);
+    case DType::kDouble: return TFBN_FORWARD(double);
+  }
+#undef TFBN_FORWARD
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t BatchNormBackward(DType dtype, const Layout& layout, const void* dy, const void* x,
+                              const void* scale, const void* mean, const void* mean_residual,
+                              const void* variance, const void* d_batch_mean,
+                              const void* d_batch_variance, const ForwardArgs& args, void* dx,
+                              void* dscale, void* doffset, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
+#define TFBN_BACKWARD(T)                                                                    \
+  Backward<T>(layout, static_cast<const T*>(dy), static_cast<const T*>(x),                  \
+              static_cast<const ParamT<T>*>(scale), static_cast<const ParamT<T>*>(mean),    \
+              static_cast<const ParamT<T>*>(mean_residual),                                 \
+              static_cast<const ParamT<T>*>(variance),                                      \
+              static_cast<const ParamT<T>*>(d_batch_mean),                                  \
+              static_cast<const ParamT<T>*>(d_batch_variance), args, static_cast<T*>(dx),   \
+              static_cast<ParamT<T>*>(dscale), static_cast<ParamT<T>*>(doffset), workspace, \
+              workspace_bytes, stream)
+  switch (dtype) {
+    case DType::kHalf: return TFBN_BACKWARD(__half);
+    case DType::kBFloat16: return TFBN_BACKWARD(__nv_bfloat16);
+    case DType::kFloat: return TFBN_BACKWARD(float);
+    case DType::kDouble: return TFBN_BACKWARD(double);
+  }
+#undef TFBN_BACKWARD
+  return cudaErrorInvalidValue;
+}
+
+const char* ErrorString(cudaError_t error) { return cudaGetErrorString(error); }
+
+int RuntimeVersion() {
+  int v = 0;
+  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int DriverVersion() {
+  int v = 0;
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear: "no driver" is an answer here, not an error
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace cuda
+}  // namespace tfbn
