@@ -5,7 +5,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/threadpool.h"
-#include "tf/validation.h"
+#include "tf/batch_norm_op_base.h"
 
 namespace tfbn {
 namespace {
@@ -26,55 +26,6 @@ ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
   };
 }
 
-Layout MakeLayout(const TensorShape& shape, int axis) {
-  Layout layout{1, shape.dim_size(axis), 1};
-  for (int d = 0; d < axis; ++d) layout.outer *= shape.dim_size(d);
-  for (int d = axis + 1; d < shape.dims(); ++d) layout.inner *= shape.dim_size(d);
-  return layout;
-}
-
-template <typename U>
-const U* DataOrNull(const Tensor& t) {
-  return t.NumElements() == 0 ? nullptr : t.flat<U>().data();
-}
-
-// Shared attributes and checks of both ops.
-class BatchNormOpBase : public OpKernel {
- public:
-  explicit BatchNormOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &args_.epsilon));
-    OP_REQUIRES_OK(ctx, CheckEpsilon(args_.epsilon));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_attr_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("is_training", &args_.training));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
-  }
-
- protected:
-  // Resolves the axis for x and checks each per-channel input listed.
-  absl::Status Prepare(OpKernelContext* ctx, const Tensor& x,
-                       std::initializer_list<std::pair<int, bool>> vectors,
-                       const char* const* names, Layout* layout) const {
-    int axis;
-    TF_RETURN_IF_ERROR(ResolveAxis(axis_attr_, x.dims(), x.shape().DebugString(), &axis));
-    *layout = MakeLayout(x.shape(), axis);
-    int k = 0;
-    for (const auto& [index, allow_empty] : vectors) {
-      const Tensor& v = ctx->input(index);
-      TF_RETURN_IF_ERROR(CheckChannelVector(names[k++], v.dims(),
-                                            v.dims() == 1 ? v.dim_size(0) : -1,
-                                            layout->channels, allow_empty, axis,
-                                            x.shape().DebugString()));
-    }
-    return absl::OkStatus();
-  }
-
-  ForwardArgs args_;
-  int axis_attr_;
-};
-
 template <typename T, typename U>
 class BatchNormOp : public BatchNormOpBase {
  public:
@@ -82,11 +33,8 @@ class BatchNormOp : public BatchNormOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
-    const bool training = args_.training;
     Layout layout;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, x, {{1, false}, {2, false}, {3, training}, {4, training}},
-                                kNames, &layout));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
     Tensor *y, *batch_mean, *batch_variance, *reserve;
     const TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
@@ -109,18 +57,8 @@ class BatchNormGradOp : public BatchNormOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
-    OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                absl::InvalidArgumentError(absl::StrCat("tfbn: dy has shape ",
-                                                        dy.shape().DebugString(),
-                                                        " but x has shape ",
-                                                        x.shape().DebugString())));
-    static const char* const kNames[] = {"scale",   "mean",         "variance",
-                                         "reserve", "d_batch_mean", "d_batch_variance"};
     Layout layout;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, x,
-                                {{2, false}, {3, false}, {4, false}, {5, true}, {6, true},
-                                 {7, true}},
-                                kNames, &layout));
+    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, &layout));
     Tensor *dx, *dscale, *doffset;
     const TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));

@@ -1,0 +1,88 @@
+// What the CPU and GPU OpKernels of TfbnBatchNorm / TfbnBatchNormGrad share: attributes,
+// argument checks (validation.h) and the [outer, C, inner] view of x.
+#pragma once
+
+#include <initializer_list>
+#include <utility>
+
+#include "core/batch_norm.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tf/validation.h"
+
+namespace tfbn {
+
+inline Layout MakeLayout(const tensorflow::TensorShape& shape, int axis) {
+  Layout layout{1, shape.dim_size(axis), 1};
+  for (int d = 0; d < axis; ++d) layout.outer *= shape.dim_size(d);
+  for (int d = axis + 1; d < shape.dims(); ++d) layout.inner *= shape.dim_size(d);
+  return layout;
+}
+
+// An empty per-channel tensor stands for "not given" (nullptr) in the core API.
+template <typename U>
+const U* DataOrNull(const tensorflow::Tensor& t) {
+  return t.NumElements() == 0 ? nullptr : t.flat<U>().data();
+}
+
+// Shared attributes and checks of both ops, on every device.
+class BatchNormOpBase : public tensorflow::OpKernel {
+ public:
+  explicit BatchNormOpBase(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &args_.epsilon));
+    OP_REQUIRES_OK(ctx, CheckEpsilon(args_.epsilon));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_attr_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("is_training", &args_.training));
+    tensorflow::DataType t, u;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
+    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
+  }
+
+ protected:
+  // Resolves the axis for x and checks each per-channel input listed.
+  absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& x,
+                       std::initializer_list<std::pair<int, bool>> vectors,
+                       const char* const* names, Layout* layout) const {
+    int axis = 0;
+    TF_RETURN_IF_ERROR(ResolveAxis(axis_attr_, x.dims(), x.shape().DebugString(), &axis));
+    *layout = MakeLayout(x.shape(), axis);
+    int k = 0;
+    for (const auto& [index, allow_empty] : vectors) {
+      const tensorflow::Tensor& v = ctx->input(index);
+      TF_RETURN_IF_ERROR(CheckChannelVector(names[k++], v.dims(),
+                                            v.dims() == 1 ? v.dim_size(0) : -1,
+                                            layout->channels, allow_empty, axis,
+                                            x.shape().DebugString()));
+    }
+    return absl::OkStatus();
+  }
+
+  // The forward's checks; returns the layout of x.
+  absl::Status PrepareForward(tensorflow::OpKernelContext* ctx, Layout* layout) const {
+    static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
+    const bool training = args_.training;
+    return Prepare(ctx, ctx->input(0),
+                   {{1, false}, {2, false}, {3, training}, {4, training}}, kNames, layout);
+  }
+
+  // The gradient's checks (dy and x of one shape); returns the layout of x.
+  absl::Status PrepareBackward(tensorflow::OpKernelContext* ctx, Layout* layout) const {
+    const tensorflow::Tensor& dy = ctx->input(0);
+    const tensorflow::Tensor& x = ctx->input(1);
+    if (dy.shape() != x.shape())
+      return absl::InvalidArgumentError(absl::StrCat("tfbn: dy has shape ",
+                                                     dy.shape().DebugString(),
+                                                     " but x has shape ",
+                                                     x.shape().DebugString()));
+    static const char* const kNames[] = {"scale",   "mean",         "variance",
+                                         "reserve", "d_batch_mean", "d_batch_variance"};
+    return Prepare(ctx, x, {{2, false}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}},
+                   kNames, layout);
+  }
+
+  ForwardArgs args_;
+  int axis_attr_;
+};
+
+}  // namespace tfbn
