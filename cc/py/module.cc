@@ -15,6 +15,9 @@
 #include <Eigen/Core>
 
 #include "core/batch_norm.h"
+#if TFBN_WITH_CUDA
+#include "py/cuda_bindings.h"
+#endif
 
 namespace py = pybind11;
 
@@ -237,4 +240,10 @@ PYBIND11_MODULE(_core, m) {
         "Returns (dx, dscale, doffset).");
   m.def("stream_copy", &tfbn::StreamCopy, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
+  m.attr("cpu_built") = true;
+#if TFBN_WITH_CUDA
+  tfbn::RegisterCudaBindings(m);  // cuda_* entry points on device tensors
+#else
+  m.attr("cuda_built") = false;
+#endif
 }

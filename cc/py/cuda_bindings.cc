@@ -1,0 +1,403 @@
+// tfbn._core CUDA entry points: the core CUDA launchers on device tensors of any framework.
+//
+// A device tensor is any of
+//   - an object with __cuda_array_interface__ (CuPy, Numba, PyTorch except bfloat16),
+//   - an object with __dlpack__ (PyTorch, CuPy, JAX; the way in for bfloat16),
+//   - a tuple (data_ptr: int, shape: tuple, dtype: str), for callers that want no
+//     per-call protocol overhead (benchmarks).
+// Tensors must be C-contiguous. Outputs are given by the caller (y, dx, statistics), so the
+// module needs no framework to allocate them; the workspace is the caller's (workspace=)
+// or comes from cudaMallocAsync on the same stream. `stream` is a cudaStream_t as an int
+// (0: the legacy default stream), e.g. torch.cuda.current_stream().cuda_stream.
+#include "py/cuda_bindings.h"
+
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "core/batch_norm_cuda.h"
+
+namespace py = pybind11;
+
+namespace tfbn {
+namespace {
+
+// DLPack 0.x ABI (dlpack.h), the part read here.
+struct DLDevice {
+  int32_t device_type;  // kDLCUDA = 2, kDLCUDAManaged = 13
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+struct DeviceArray {
+  void* data = nullptr;
+  std::vector<int64_t> shape;
+  std::string dtype;  // float16, bfloat16, float32, float64, or other
+  int64_t itemsize = 0;
+  py::object keep_alive;  // the DLPack capsule, owning the tensor until we are done
+  int64_t size() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+[[noreturn]] void Fail(const std::string& what) {
+  throw std::invalid_argument("tfbn: " + what);
+}
+
+bool CompactStrides(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
+                    int64_t unit) {
+  int64_t expect = unit;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] != 1 && strides[d] != expect) return false;
+    expect *= shape[d];
+  }
+  return true;
+}
+
+std::string TypestrName(const std::string& t, int64_t* itemsize) {
+  if (t.size() < 3) return t;
+  *itemsize = std::stoll(t.substr(2));
+  const char kind = t[1];
+  if (kind == 'f' && *itemsize == 2) return "float16";
+  if (kind == 'f' && *itemsize == 4) return "float32";
+  if (kind == 'f' && *itemsize == 8) return "float64";
+  return t;
+}
+
+bool FromCudaArrayInterface(const py::handle& obj, const char* name, DeviceArray* out) {
+  py::dict cai;
+  try {
+    if (!py::hasattr(obj, "__cuda_array_interface__")) return false;
+    cai = obj.attr("__cuda_array_interface__");
+  } catch (const py::error_already_set&) {
+    return false;  // e.g. PyTorch bfloat16: try DLPack
+  }
+  const py::tuple data = cai["data"];
+  out->data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
+  out->shape = cai["shape"].cast<std::vector<int64_t>>();
+  out->dtype = TypestrName(cai["typestr"].cast<std::string>(), &out->itemsize);
+  if (cai.contains("strides") && !cai["strides"].is_none()) {
+    const auto strides = cai["strides"].cast<std::vector<int64_t>>();
+    if (!CompactStrides(out->shape, strides, out->itemsize))
+      Fail(std::string(name) + " must be C-contiguous");
+  }
+  return true;
+}
+
+bool FromDLPack(const py::handle& obj, const char* name, int64_t stream, DeviceArray* out) {
+  if (!py::hasattr(obj, "__dlpack__")) return false;
+  // The consumer's stream: the producer orders its pending work before it. DLPack spells
+  // the legacy default stream 1 (0 is reserved).
+  py::object capsule;
+  try {
+    capsule = obj.attr("__dlpack__")(py::arg("stream") = stream == 0 ? int64_t{1} : stream);
+  } catch (const py::error_already_set&) {
+    capsule = obj.attr("__dlpack__")();
+  }
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (managed == nullptr) {
+    PyErr_Clear();
+    Fail(std::string(name) + ": __dlpack__ did not return a DLPack tensor");
+  }
+  const DLTensor& t = managed->dl_tensor;
+  if (t.device.device_type != 2 && t.device.device_type != 13)
+    Fail(std::string(name) + " must be a CUDA device tensor (DLPack device type " +
+         std::to_string(t.device.device_type) + ")");
+  out->keep_alive = capsule;
+  out->data = static_cast<char*>(t.data) + t.byte_offset;
+  out->shape.assign(t.shape, t.shape + t.ndim);
+  out->itemsize = t.dtype.bits / 8;
+  if (t.dtype.lanes != 1) out->dtype = "vector";
+  else if (t.dtype.code == 2 && t.dtype.bits == 16) out->dtype = "float16";
+  else if (t.dtype.code == 4 && t.dtype.bits == 16) out->dtype = "bfloat16";
+  else if (t.dtype.code == 2 && t.dtype.bits == 32) out->dtype = "float32";
+  else if (t.dtype.code == 2 && t.dtype.bits == 64) out->dtype = "float64";
+  else out->dtype = "dlpack code " + std::to_string(t.dtype.code) + " bits " +
+                    std::to_string(t.dtype.bits);
+  if (t.strides != nullptr &&
+      !CompactStrides(out->shape, std::vector<int64_t>(t.strides, t.strides + t.ndim), 1))
+    Fail(std::string(name) + " must be C-contiguous");
+  return true;
+}
+
+int64_t ItemsizeOf(const std::string& dtype) {
+  if (dtype == "float16" || dtype == "bfloat16") return 2;
+  if (dtype == "float32") return 4;
+  if (dtype == "float64") return 8;
+  if (dtype == "uint8" || dtype == "int8") return 1;
+  Fail("unknown dtype '" + dtype + "' in a (data_ptr, shape, dtype) tuple");
+}
+
+DeviceArray ToDeviceArray(const py::handle& obj, const char* name, int64_t stream) {
+  DeviceArray a;
+  if (py::isinstance<py::tuple>(obj) && py::len(obj) == 3) {
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
+    a.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+    a.shape = t[1].cast<std::vector<int64_t>>();
+    a.dtype = t[2].cast<std::string>();
+    a.itemsize = ItemsizeOf(a.dtype);
+    return a;
+  }
+  if (FromCudaArrayInterface(obj, name, &a) || FromDLPack(obj, name, stream, &a)) return a;
+  Fail(std::string(name) +
+       " must be a CUDA device tensor (__cuda_array_interface__ or __dlpack__) or a "
+       "(data_ptr, shape, dtype) tuple, got " +
+       py::str(py::type::of(obj)).cast<std::string>());
+}
+
+cuda::DType DTypeOf(const DeviceArray& a, const char* name) {
+  if (a.dtype == "float16") return cuda::DType::kHalf;
+  if (a.dtype == "bfloat16") return cuda::DType::kBFloat16;
+  if (a.dtype == "float32") return cuda::DType::kFloat;
+  if (a.dtype == "float64") return cuda::DType::kDouble;
+  Fail(std::string(name) + " must be float16, bfloat16, float32 or float64, got " + a.dtype);
+}
+
+Layout ViewAs(const std::vector<int64_t>& shape, int axis) {
+  const int rank = static_cast<int>(shape.size());
+  if (rank < 2)
+    Fail("x must have rank >= 2 (batch and channel dimensions), got rank " +
+         std::to_string(rank));
+  if (axis < -rank || axis >= rank)
+    Fail("axis = " + std::to_string(axis) + " is out of range for x of rank " +
+         std::to_string(rank));
+  if (axis < 0) axis += rank;
+  Layout layout{1, shape[axis], 1};
+  for (int d = 0; d < axis; ++d) layout.outer *= shape[d];
+  for (int d = axis + 1; d < rank; ++d) layout.inner *= shape[d];
+  return layout;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// Data tensors (x, y, dy, dx): the dtype and shape of x.
+void* DataLike(const py::handle& obj, const char* name, const DeviceArray& x, int64_t stream,
+               std::vector<DeviceArray>* keep) {
+  DeviceArray a = ToDeviceArray(obj, name, stream);
+  if (a.dtype != x.dtype || a.shape != x.shape)
+    Fail(std::string(name) + " must have the dtype and shape of x (" + x.dtype + " " +
+         ShapeString(x.shape) + "), got " + a.dtype + " " + ShapeString(a.shape));
+  keep->push_back(std::move(a));
+  return keep->back().data;
+}
+
+// Per-channel tensors: vectors of length C of dtype U (float32, float64 for float64 x).
+// None gives nullptr where allowed.
+void* ChannelVector(const py::handle& obj, const char* name, cuda::DType dtype, int64_t C,
+                    bool allow_none, int64_t stream, std::vector<DeviceArray>* keep) {
+  if (obj.is_none()) {
+    if (allow_none) return nullptr;
+    Fail(std::string(name) + " is required");
+  }
+  DeviceArray a = ToDeviceArray(obj, name, stream);
+  const std::string want = dtype == cuda::DType::kDouble ? "float64" : "float32";
+  if (a.dtype != want || a.shape.size() != 1 || a.shape[0] != C)
+    Fail(std::string(name) + " must be a " + want + " vector of length C = " +
+         std::to_string(C) + ", got " + a.dtype + " " + ShapeString(a.shape));
+  keep->push_back(std::move(a));
+  return keep->back().data;
+}
+
+void Check(cudaError_t error, const char* what) {
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("tfbn: ") + what + ": " + cuda::ErrorString(error));
+}
+
+// Makes the device that holds x current for this thread (this module's CUDA runtime).
+void UseDeviceOf(const void* data, const char* name) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, data) != cudaSuccess) {
+    cudaGetLastError();
+    Fail(std::string(name) + " is not CUDA device memory");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    Fail(std::string(name) + " is not CUDA device memory");
+  int current = -1;
+  Check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != attr.device) Check(cudaSetDevice(attr.device), "cudaSetDevice");
+}
+
+// The caller's workspace, or one from the stream-ordered allocator freed after the launch.
+class Workspace {
+ public:
+  Workspace(const py::handle& obj, size_t bytes, int64_t stream, cudaStream_t s)
+      : stream_(s), bytes_(bytes) {
+    if (bytes == 0) return;
+    if (!obj.is_none()) {
+      const DeviceArray a = ToDeviceArray(obj, "workspace", stream);
+      if (static_cast<size_t>(a.size() * a.itemsize) < bytes)
+        Fail("workspace has " + std::to_string(a.size() * a.itemsize) + " bytes, needs " +
+             std::to_string(bytes));
+      ptr_ = a.data;
+      return;
+    }
+    Check(cudaMallocAsync(&ptr_, bytes, stream_), "cudaMallocAsync (workspace)");
+    owned_ = true;
+  }
+  ~Workspace() {
+    if (owned_) cudaFreeAsync(ptr_, stream_);
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  cudaStream_t stream_;
+  size_t bytes_;
+  void* ptr_ = nullptr;
+  bool owned_ = false;
+};
+
+cudaStream_t AsStream(int64_t stream) {
+  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+}
+
+void CheckEpsilon(float epsilon) {
+  if (!(epsilon > 0.0f && epsilon <= 3.4e38f))
+    Fail("epsilon must be positive and finite, got " + std::to_string(epsilon));
+}
+
+void Forward(const py::object& x_obj, const py::object& scale, const py::object& offset,
+             const py::object& mean, const py::object& variance, const py::object& y_obj,
+             const py::object& batch_mean, const py::object& batch_variance,
+             const py::object& reserve, int axis, float epsilon, bool training,
+             int64_t stream, const py::object& workspace) {
+  CheckEpsilon(epsilon);
+  std::vector<DeviceArray> keep;
+  keep.reserve(9);
+  keep.push_back(ToDeviceArray(x_obj, "x", stream));
+  const DeviceArray& x = keep.front();
+  const cuda::DType dtype = DTypeOf(x, "x");
+  const Layout layout = ViewAs(x.shape, axis);
+  const int64_t C = layout.channels;
+  void* y = DataLike(y_obj, "y", x, stream, &keep);
+  const void* s = ChannelVector(scale, "scale", dtype, C, true, stream, &keep);
+  const void* o = ChannelVector(offset, "offset", dtype, C, true, stream, &keep);
+  const void* mu = ChannelVector(mean, "mean", dtype, C, training, stream, &keep);
+  const void* var = ChannelVector(variance, "variance", dtype, C, training, stream, &keep);
+  void* bm = ChannelVector(batch_mean, "batch_mean", dtype, C, false, stream, &keep);
+  void* bv = ChannelVector(batch_variance, "batch_variance", dtype, C, false, stream, &keep);
+  void* res = ChannelVector(reserve, "reserve", dtype, C, false, stream, &keep);
+  if (C > 0) UseDeviceOf(bm, "batch_mean");
+  const cudaStream_t st = AsStream(stream);
+  Workspace ws(workspace, cuda::ForwardWorkspaceBytes(dtype, layout, training), stream, st);
+  cudaError_t error;
+  {
+    py::gil_scoped_release release;
+    error = cuda::BatchNormForward(dtype, layout, x.data, s, o, mu, var,
+                                   ForwardArgs{epsilon, training}, y, bm, bv, res, ws.get(),
+                                   ws.bytes(), st);
+  }
+  Check(error, "batch_norm_forward launch");
+}
+
+void Backward(const py::object& dy_obj, const py::object& x_obj, const py::object& scale,
+              const py::object& mean, const py::object& variance, const py::object& reserve,
+              const py::object& d_batch_mean, const py::object& d_batch_variance,
+              const py::object& dx_obj, const py::object& dscale_obj,
+              const py::object& doffset_obj, int axis, float epsilon, bool training,
+              int64_t stream, const py::object& workspace) {
+  CheckEpsilon(epsilon);
+  std::vector<DeviceArray> keep;
+  keep.reserve(11);
+  keep.push_back(ToDeviceArray(x_obj, "x", stream));
+  const DeviceArray& x = keep.front();
+  const cuda::DType dtype = DTypeOf(x, "x");
+  const Layout layout = ViewAs(x.shape, axis);
+  const int64_t C = layout.channels;
+  const void* dy = DataLike(dy_obj, "dy", x, stream, &keep);
+  void* dx = DataLike(dx_obj, "dx", x, stream, &keep);
+  const void* s = ChannelVector(scale, "scale", dtype, C, true, stream, &keep);
+  const void* mu = ChannelVector(mean, "mean", dtype, C, false, stream, &keep);
+  const void* var = ChannelVector(variance, "variance", dtype, C, false, stream, &keep);
+  const void* res = ChannelVector(reserve, "reserve", dtype, C, true, stream, &keep);
+  const void* dm = ChannelVector(d_batch_mean, "d_batch_mean", dtype, C, true, stream, &keep);
+  const void* dv =
+      ChannelVector(d_batch_variance, "d_batch_variance", dtype, C, true, stream, &keep);
+  void* ds = ChannelVector(dscale_obj, "dscale", dtype, C, false, stream, &keep);
+  void* dof = ChannelVector(doffset_obj, "doffset", dtype, C, false, stream, &keep);
+  if (C > 0) UseDeviceOf(ds, "dscale");
+  const cudaStream_t st = AsStream(stream);
+  Workspace ws(workspace, cuda::BackwardWorkspaceBytes(dtype, layout), stream, st);
+  cudaError_t error;
+  {
+    py::gil_scoped_release release;
+    error = cuda::BatchNormBackward(dtype, layout, dy, x.data, s, mu, res, var, dm, dv,
+                                    ForwardArgs{epsilon, training}, dx, ds, dof, ws.get(),
+                                    ws.bytes(), st);
+  }
+  Check(error, "batch_norm_backward launch");
+}
+
+size_t WorkspaceBytes(const std::vector<int64_t>& shape, const std::string& dtype, int axis,
+                      bool training, bool backward) {
+  DeviceArray a;
+  a.dtype = dtype;
+  const cuda::DType t = DTypeOf(a, "dtype");
+  const Layout layout = ViewAs(shape, axis);
+  return backward ? cuda::BackwardWorkspaceBytes(t, layout)
+                  : cuda::ForwardWorkspaceBytes(t, layout, training);
+}
+
+}  // namespace
+
+void RegisterCudaBindings(py::module_& m) {
+  m.attr("cuda_built") = true;
+  m.def("cuda_available", [] { return cuda::DeviceCount() > 0; },
+        "Whether a CUDA device and a driver new enough for this build's runtime are present.");
+  m.def("cuda_device_count", &cuda::DeviceCount);
+  m.def("cuda_runtime_version", &cuda::RuntimeVersion,
+        "Version of the CUDA runtime linked into tfbn (static), e.g. 13000.");
+  m.def("cuda_driver_version", &cuda::DriverVersion, "CUDA driver version, 0 without one.");
+  m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"),
+        py::kw_only(), py::arg("axis") = -1, py::arg("training") = true,
+        py::arg("backward") = false,
+        "Device workspace bytes cuda_batch_norm_forward/backward need for this shape.");
+  m.def("cuda_batch_norm_forward", &Forward, py::arg("x"), py::arg("scale") = py::none(),
+        py::arg("offset") = py::none(), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::kw_only(), py::arg("y"), py::arg("batch_mean"),
+        py::arg("batch_variance"), py::arg("reserve"), py::arg("axis") = -1,
+        py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("stream") = 0,
+        py::arg("workspace") = py::none(),
+        "Fused BN forward on CUDA device tensors; writes y, batch_mean, batch_variance, "
+        "reserve (given by the caller). Enqueued on `stream`, returns without waiting.");
+  m.def("cuda_batch_norm_backward", &Backward, py::arg("dy"), py::arg("x"),
+        py::arg("scale") = py::none(), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::arg("reserve") = py::none(),
+        py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
+        py::kw_only(), py::arg("dx"), py::arg("dscale"), py::arg("doffset"),
+        py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("training") = true,
+        py::arg("stream") = 0, py::arg("workspace") = py::none(),
+        "Gradient of cuda_batch_norm_forward; writes dx, dscale, doffset (given by the "
+        "caller). Enqueued on `stream`, returns without waiting.");
+}
+
+}  // namespace tfbn
