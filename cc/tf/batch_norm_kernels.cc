@@ -85,7 +85,7 @@ class BatchNormOp : public BatchNormOpBase {
     static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
     const bool training = args_.training;
     Layout layout;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, x, {{1, false}, {2, false}, {3, training}, {4, training}},
+    OP_REQUIRES_OK(ctx, Prepare(ctx, x, {{1, true}, {2, true}, {3, training}, {4, training}},
                                 kNames, &layout));
     Tensor *y, *batch_mean, *batch_variance, *reserve;
     const TensorShape channels({layout.channels});
@@ -93,8 +93,8 @@ class BatchNormOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, channels, &reserve));
-    BatchNormForward<T, U>(layout, x.flat<T>().data(), ctx->input(1).flat<U>().data(),
-                           ctx->input(2).flat<U>().data(), DataOrNull<U>(ctx->input(3)),
+    BatchNormForward<T, U>(layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
+                           DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
                            DataOrNull<U>(ctx->input(4)), args_, y->flat<T>().data(),
                            batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
                            reserve->flat<U>().data(), IntraOpParallelFor(ctx));
@@ -118,7 +118,7 @@ class BatchNormGradOp : public BatchNormOpBase {
                                          "reserve", "d_batch_mean", "d_batch_variance"};
     Layout layout;
     OP_REQUIRES_OK(ctx, Prepare(ctx, x,
-                                {{2, false}, {3, false}, {4, false}, {5, true}, {6, true},
+                                {{2, true}, {3, false}, {4, false}, {5, true}, {6, true},
                                  {7, true}},
                                 kNames, &layout));
     Tensor *dx, *dscale, *doffset;
@@ -127,7 +127,7 @@ class BatchNormGradOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
     BatchNormBackward<T, U>(layout, dy.flat<T>().data(), x.flat<T>().data(),
-                            ctx->input(2).flat<U>().data(), ctx->input(3).flat<U>().data(),
+                            DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
                             DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(),
                             DataOrNull<U>(ctx->input(6)), DataOrNull<U>(ctx->input(7)), args_,
                             dx->flat<T>().data(), dscale->flat<U>().data(),
@@ -152,6 +152,30 @@ TFBN_REGISTER_CPU(tensorflow::bfloat16, float)
 TFBN_REGISTER_CPU(float, float)
 TFBN_REGISTER_CPU(double, double)
 #undef TFBN_REGISTER_CPU
+
+// The remaining (T, U) pairs are registered only so that eager calls get the
+// constructor's message naming the dtypes instead of "no kernel registered".
+class MismatchedDtypesOp : public BatchNormOpBase {
+ public:
+  using BatchNormOpBase::BatchNormOpBase;  // its constructor fails with the message
+  void Compute(OpKernelContext*) override {}
+};
+
+#define TFBN_REGISTER_MISMATCH(T, U)                                                     \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfbnBatchNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")        \
+          .TypeConstraint<U>("U"),                                                       \
+      MismatchedDtypesOp);                                                               \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfbnBatchNormGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")    \
+          .TypeConstraint<U>("U"),                                                       \
+      MismatchedDtypesOp);
+
+TFBN_REGISTER_MISMATCH(Eigen::half, double)
+TFBN_REGISTER_MISMATCH(tensorflow::bfloat16, double)
+TFBN_REGISTER_MISMATCH(float, double)
+TFBN_REGISTER_MISMATCH(double, float)
+#undef TFBN_REGISTER_MISMATCH
 
 }  // namespace
 }  // namespace tfbn
