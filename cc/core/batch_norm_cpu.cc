@@ -1,9 +1,11 @@
 // CPU kernels for the core Batch Normalization math (see batch_norm.h).
 #include "core/batch_norm.h"
+#include "core/cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>  // Eigen::half, Eigen::bfloat16: the same types TensorFlow uses.
@@ -22,7 +24,10 @@ constexpr int64_t kMaxBlocks = 64;
 constexpr int64_t kRunElements = int64_t{1} << 15;
 
 int64_t NumBlocks(const Layout& layout) {
-  const int64_t wanted = (layout.size() + kBlockElements - 1) / kBlockElements;
+  // Channels-last blocks hold all channels of their rows; planar tasks are (block,
+  // channel) pairs, so there a block is cut per channel and channels add parallelism.
+  const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
+  const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
   return std::clamp<int64_t>(wanted, 1, std::min(kMaxBlocks, layout.per_channel()));
 }
 
@@ -31,39 +36,76 @@ inline int64_t BlockBegin(int64_t b, int64_t nb, int64_t n) {
   return static_cast<int64_t>((static_cast<__int128>(n) * b) / nb);
 }
 
-// Two per-channel double sums. The kernel provides
-//   Row(r, s1, s2): add the C elements of row r (channels-last layouts, inner == 1);
-//   Run(c, offset, len, s1, s2): add a contiguous run of channel c (planar layouts).
-template <class Kernel>
-void ReducePerChannel(const Layout& layout, const Kernel& kernel, double* out1, double* out2,
-                      const ParallelFor& parallel_for) {
+// Eigen's half types share their storage with the kernels' stand-ins.
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<Eigen::half> {
+  using type = HalfBits;
+};
+template <>
+struct Storage<Eigen::bfloat16> {
+  using type = BFloat16Bits;
+};
+static_assert(sizeof(Eigen::half) == sizeof(HalfBits) &&
+              sizeof(Eigen::bfloat16) == sizeof(BFloat16Bits));
+
+template <typename T>
+using S = typename Storage<T>::type;
+
+template <typename T>
+const S<T>* Raw(const T* p) {
+  return reinterpret_cast<const S<T>*>(p);
+}
+template <typename T>
+S<T>* Raw(T* p) {
+  return reinterpret_cast<S<T>*>(p);
+}
+
+template <typename T, typename U>
+const CpuKernels<S<T>, U>& Kernels();
+template <>
+const CpuKernels<HalfBits, float>& Kernels<Eigen::half, float>() {
+  return BestCpuKernels().half;
+}
+template <>
+const CpuKernels<BFloat16Bits, float>& Kernels<Eigen::bfloat16, float>() {
+  return BestCpuKernels().bfloat16;
+}
+template <>
+const CpuKernels<float, float>& Kernels<float, float>() {
+  return BestCpuKernels().f32;
+}
+template <>
+const CpuKernels<double, double>& Kernels<double, double>() {
+  return BestCpuKernels().f64;
+}
+
+// Two per-channel double sums over a partition that depends on the shape only.
+//   rows(r0, r1, s1, s2): add rows [r0, r1) of a channels-last layout into s1[C], s2[C];
+//   planar(c, j0, j1, &s1, &s2): sum channel c's per-channel indices [j0, j1).
+template <class RowsFn, class PlanarFn>
+void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& planar,
+                      double* out1, double* out2, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel();
   const int64_t nb = NumBlocks(layout);
   std::vector<double> partial(static_cast<size_t>(2 * nb * C), 0.0);  // [block][2][C]
-  const int64_t block_cost = 4 * std::max<int64_t>(1, layout.size() / nb);
+  const int64_t block_cost = 2 * std::max<int64_t>(1, layout.size() / nb);
   if (layout.inner == 1) {
     parallel_for(nb, block_cost, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double* s1 = &partial[2 * b * C];
-        double* s2 = s1 + C;
-        for (int64_t r = BlockBegin(b, nb, m), end = BlockBegin(b + 1, nb, m); r < end; ++r)
-          kernel.Row(r, s1, s2);
+        rows(BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), s1, s1 + C);
       }
     });
   } else {
-    const int64_t inner = layout.inner;
     parallel_for(nb * C, block_cost / C + 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / C, c = t % C;
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t j = BlockBegin(b, nb, m), end = BlockBegin(b + 1, nb, m); j < end;) {
-          const int64_t o = j / inner, i = j % inner;
-          const int64_t len = std::min(inner - i, end - j);
-          kernel.Run(c, (o * C + c) * inner + i, len, s1, s2);
-          j += len;
-        }
-        partial[2 * b * C + c] = s1;
-        partial[(2 * b + 1) * C + c] = s2;
+        planar(c, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), &partial[2 * b * C + c],
+               &partial[(2 * b + 1) * C + c]);
       }
     });
   }
@@ -78,108 +120,23 @@ void ReducePerChannel(const Layout& layout, const Kernel& kernel, double* out1, 
   }
 }
 
-// Calls row(r) for each row of a channels-last layout, or run(c, offset, len) for
-// contiguous runs of one channel in a planar layout, spread over threads.
-template <class RowFn, class RunFn>
+// Elementwise passes: rows(r0, r1) over a channels-last layout, or units(u0, u1) over
+// planar work units (chunks of at most kRunElements of one plane), spread over threads.
+template <class RowsFn, class UnitsFn>
 void ForEachElementBlock(const Layout& layout, int64_t cost_per_element,
-                         const ParallelFor& parallel_for, const RowFn& row, const RunFn& run) {
+                         const ParallelFor& parallel_for, const RowsFn& rows,
+                         const UnitsFn& units) {
   if (layout.size() == 0) return;
   const int64_t C = layout.channels, inner = layout.inner;
   if (inner == 1) {
-    parallel_for(layout.outer, cost_per_element * C, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) row(r);
-    });
+    parallel_for(layout.outer, cost_per_element * C, rows);
     return;
   }
   const int64_t run_len = std::min(inner, kRunElements);
   const int64_t runs_per_plane = (inner + run_len - 1) / run_len;
   parallel_for(layout.outer * C * runs_per_plane, cost_per_element * run_len,
-               [&](int64_t t0, int64_t t1) {
-                 for (int64_t t = t0; t < t1; ++t) {
-                   const int64_t plane = t / runs_per_plane, k = t % runs_per_plane;
-                   const int64_t begin = k * run_len;
-                   run(plane % C, plane * inner + begin, std::min(run_len, inner - begin));
-                 }
-               });
+               [&](int64_t u0, int64_t u1) { units(run_len, u0, u1); });
 }
-
-// Sums in kLanes independent accumulators: a fixed order the compiler can vectorize.
-constexpr int kLanes = 8;
-
-template <typename T>
-struct MomentsKernel {
-  const T* x;
-  int64_t C;
-  const double* shift;  // per-channel shift: the sums are of d = x - shift
-  void Row(int64_t r, double* s1, double* s2) const {
-    const T* xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(xr[c]) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
-  }
-  void Run(int64_t c, int64_t offset, int64_t len, double& s1, double& s2) const {
-    const T* xs = x + offset;
-    const double k = shift[c];
-    double a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const double d = static_cast<double>(xs[i + l]) - k;
-        a1[l] += d;
-        a2[l] += d * d;
-      }
-    for (; i < len; ++i) {
-      const double d = static_cast<double>(xs[i]) - k;
-      a1[0] += d;
-      a2[0] += d * d;
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      s1 += a1[l];
-      s2 += a2[l];
-    }
-  }
-};
-
-template <typename T>
-struct GradSumsKernel {
-  const T* dy;
-  const T* x;
-  int64_t C;
-  const double* mean;
-  void Row(int64_t r, double* s1, double* s2) const {
-    const T* dyr = dy + r * C;
-    const T* xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const double g = static_cast<double>(dyr[c]);
-      s1[c] += g;
-      s2[c] += g * (static_cast<double>(xr[c]) - mean[c]);
-    }
-  }
-  void Run(int64_t c, int64_t offset, int64_t len, double& s1, double& s2) const {
-    const T* dys = dy + offset;
-    const T* xs = x + offset;
-    const double mu = mean[c];
-    double a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const double g = static_cast<double>(dys[i + l]);
-        a1[l] += g;
-        a2[l] += g * (static_cast<double>(xs[i + l]) - mu);
-      }
-    for (; i < len; ++i) {
-      const double g = static_cast<double>(dys[i]);
-      a1[0] += g;
-      a2[0] += g * (static_cast<double>(xs[i]) - mu);
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      s1 += a1[l];
-      s2 += a2[l];
-    }
-  }
-};
 
 }  // namespace
 
@@ -201,14 +158,24 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
   }
   // Shifting by one sample of each channel keeps sum(d^2) - sum(d)^2/m free of
   // cancellation when the mean is far from zero.
-  std::vector<double> shift(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(x[c * layout.inner]);
+  using U = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  std::vector<U> shift(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<U>(x[c * layout.inner]);
   std::vector<double> s1(static_cast<size_t>(C)), s2(static_cast<size_t>(C));
-  ReducePerChannel(layout, MomentsKernel<T>{x, C, shift.data()}, s1.data(), s2.data(),
-                   parallel_for);
+  const auto& k = Kernels<T, U>();
+  const int64_t inner = layout.inner;
+  ReducePerChannel(
+      layout,
+      [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+        k.moments_rows(Raw(x), C, r0, r1, shift.data(), p1, p2);
+      },
+      [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
+        k.moments_planar(Raw(x), C, inner, c, j0, j1, shift[c], p1, p2);
+      },
+      s1.data(), s2.data(), parallel_for);
   for (int64_t c = 0; c < C; ++c) {
     const double d = s1[c] / static_cast<double>(m);
-    mean[c] = shift[c] + d;
+    mean[c] = static_cast<double>(shift[c]) + d;
     const double v = s2[c] - s1[c] * d;
     m2[c] = v < 0.0 ? 0.0 : v;  // rounding can dip below zero; NaN passes through
   }
@@ -217,21 +184,13 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
 template <typename T, typename U>
 void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for) {
-  const int64_t C = layout.channels;
+  const auto& k = Kernels<T, U>();
+  const int64_t C = layout.channels, inner = layout.inner;
   ForEachElementBlock(
       layout, 2, parallel_for,
-      [&](int64_t r) {
-        const T* xr = x + r * C;
-        T* yr = y + r * C;
-        for (int64_t c = 0; c < C; ++c)
-          yr[c] = static_cast<T>(((static_cast<U>(xr[c]) - hi[c]) - lo[c]) * a[c] + b[c]);
-      },
-      [&](int64_t c, int64_t offset, int64_t len) {
-        const U h = hi[c], l = lo[c], aa = a[c], bb = b[c];
-        const T* xs = x + offset;
-        T* ys = y + offset;
-        for (int64_t i = 0; i < len; ++i)
-          ys[i] = static_cast<T>(((static_cast<U>(xs[i]) - h) - l) * aa + bb);
+      [&](int64_t r0, int64_t r1) { k.affine_rows(Raw(x), Raw(y), C, r0, r1, hi, lo, a, b); },
+      [&](int64_t run_len, int64_t u0, int64_t u1) {
+        k.affine_units(Raw(x), Raw(y), C, inner, run_len, u0, u1, hi, lo, a, b);
       });
 }
 
@@ -244,46 +203,31 @@ void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const 
     std::fill(sum_dy_xc, sum_dy_xc + C, 0.0);
     return;
   }
-  std::vector<double> mean(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c)
-    mean[c] = static_cast<double>(hi[c]) + static_cast<double>(lo[c]);
-  ReducePerChannel(layout, GradSumsKernel<T>{dy, x, C, mean.data()}, sum_dy, sum_dy_xc,
-                   parallel_for);
+  const auto& k = Kernels<T, U>();
+  const int64_t inner = layout.inner;
+  ReducePerChannel(
+      layout,
+      [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+        k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, hi, lo, p1, p2);
+      },
+      [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
+        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, hi[c], lo[c], p1, p2);
+      },
+      sum_dy, sum_dy_xc, parallel_for);
 }
 
 template <typename T, typename U>
 void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for) {
-  const int64_t C = layout.channels;
-  if (gb == nullptr) {  // dx = ga * dy
-    ForEachElementBlock(
-        layout, 1, parallel_for,
-        [&](int64_t r) {
-          for (int64_t c = 0; c < C; ++c)
-            dx[r * C + c] = static_cast<T>(ga[c] * static_cast<U>(dy[r * C + c]));
-        },
-        [&](int64_t c, int64_t offset, int64_t len) {
-          const U a = ga[c];
-          for (int64_t i = offset; i < offset + len; ++i)
-            dx[i] = static_cast<T>(a * static_cast<U>(dy[i]));
-        });
-    return;
-  }
+  const auto& k = Kernels<T, U>();
+  const int64_t C = layout.channels, inner = layout.inner;
   ForEachElementBlock(
-      layout, 3, parallel_for,
-      [&](int64_t r) {
-        const T* dyr = dy + r * C;
-        const T* xr = x + r * C;
-        T* dxr = dx + r * C;
-        for (int64_t c = 0; c < C; ++c)
-          dxr[c] = static_cast<T>(ga[c] * static_cast<U>(dyr[c]) +
-                                  gb[c] * ((static_cast<U>(xr[c]) - hi[c]) - lo[c]) + gc[c]);
+      layout, gb ? 3 : 1, parallel_for,
+      [&](int64_t r0, int64_t r1) {
+        k.grad_rows(Raw(dy), Raw(x), Raw(dx), C, r0, r1, hi, lo, ga, gb, gc);
       },
-      [&](int64_t c, int64_t offset, int64_t len) {
-        const U a = ga[c], bb = gb[c], cc = gc[c], h = hi[c], l = lo[c];
-        for (int64_t i = offset; i < offset + len; ++i)
-          dx[i] = static_cast<T>(a * static_cast<U>(dy[i]) +
-                                 bb * ((static_cast<U>(x[i]) - h) - l) + cc);
+      [&](int64_t run_len, int64_t u0, int64_t u1) {
+        k.grad_units(Raw(dy), Raw(x), Raw(dx), C, inner, run_len, u0, u1, hi, lo, ga, gb, gc);
       });
 }
 

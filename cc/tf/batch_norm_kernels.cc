@@ -41,8 +41,8 @@ class BatchNormOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, channels, &reserve));
-    BatchNormForward<T, U>(layout, x.flat<T>().data(), ctx->input(1).flat<U>().data(),
-                           ctx->input(2).flat<U>().data(), DataOrNull<U>(ctx->input(3)),
+    BatchNormForward<T, U>(layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
+                           DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
                            DataOrNull<U>(ctx->input(4)), args_, y->flat<T>().data(),
                            batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
                            reserve->flat<U>().data(), IntraOpParallelFor(ctx));
@@ -65,7 +65,7 @@ class BatchNormGradOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
     BatchNormBackward<T, U>(layout, dy.flat<T>().data(), x.flat<T>().data(),
-                            ctx->input(2).flat<U>().data(), ctx->input(3).flat<U>().data(),
+                            DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
                             DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(),
                             DataOrNull<U>(ctx->input(6)), DataOrNull<U>(ctx->input(7)), args_,
                             dx->flat<T>().data(), dscale->flat<U>().data(),
@@ -90,6 +90,30 @@ TFBN_REGISTER_CPU(tensorflow::bfloat16, float)
 TFBN_REGISTER_CPU(float, float)
 TFBN_REGISTER_CPU(double, double)
 #undef TFBN_REGISTER_CPU
+
+// The remaining (T, U) pairs are registered only so that eager calls get the
+// constructor's message naming the dtypes instead of "no kernel registered".
+class MismatchedDtypesOp : public BatchNormOpBase {
+ public:
+  using BatchNormOpBase::BatchNormOpBase;  // its constructor fails with the message
+  void Compute(OpKernelContext*) override {}
+};
+
+#define TFBN_REGISTER_MISMATCH(T, U)                                                     \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfbnBatchNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")        \
+          .TypeConstraint<U>("U"),                                                       \
+      MismatchedDtypesOp);                                                               \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("TfbnBatchNormGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")    \
+          .TypeConstraint<U>("U"),                                                       \
+      MismatchedDtypesOp);
+
+TFBN_REGISTER_MISMATCH(Eigen::half, double)
+TFBN_REGISTER_MISMATCH(tensorflow::bfloat16, double)
+TFBN_REGISTER_MISMATCH(float, double)
+TFBN_REGISTER_MISMATCH(double, float)
+#undef TFBN_REGISTER_MISMATCH
 
 }  // namespace
 }  // namespace tfbn

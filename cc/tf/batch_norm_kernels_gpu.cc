@@ -73,8 +73,8 @@ class BatchNormGpuOp : public BatchNormOpBase {
     Tensor workspace;
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
     const cudaError_t error = cuda::BatchNormForward(
-        kDType<T>, layout, x.flat<T>().data(), ctx->input(1).flat<U>().data(),
-        ctx->input(2).flat<U>().data(), DataOrNull<U>(ctx->input(3)),
+        kDType<T>, layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
+        DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
         DataOrNull<U>(ctx->input(4)), args_, y->flat<T>().data(),
         batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
         reserve->flat<U>().data(), workspace.flat<int8_t>().data(), bytes, OpStream(ctx));
@@ -102,7 +102,7 @@ class BatchNormGradGpuOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
     const cudaError_t error = cuda::BatchNormBackward(
         kDType<T>, layout, dy.flat<T>().data(), x.flat<T>().data(),
-        ctx->input(2).flat<U>().data(), ctx->input(3).flat<U>().data(),
+        DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
         DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(),
         DataOrNull<U>(ctx->input(6)), DataOrNull<U>(ctx->input(7)), args_,
         dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),

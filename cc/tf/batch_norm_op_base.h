@@ -63,7 +63,7 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
     const bool training = args_.training;
     return Prepare(ctx, ctx->input(0),
-                   {{1, false}, {2, false}, {3, training}, {4, training}}, kNames, layout);
+                   {{1, true}, {2, true}, {3, training}, {4, training}}, kNames, layout);
   }
 
   // The gradient's checks (dy and x of one shape); returns the layout of x.
@@ -77,7 +77,7 @@ class BatchNormOpBase : public tensorflow::OpKernel {
                                                      x.shape().DebugString()));
     static const char* const kNames[] = {"scale",   "mean",         "variance",
                                          "reserve", "d_batch_mean", "d_batch_variance"};
-    return Prepare(ctx, x, {{2, false}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}},
+    return Prepare(ctx, x, {{2, true}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}},
                    kNames, layout);
   }
 

@@ -62,8 +62,8 @@ absl::Status ForwardShape(InferenceContext* c) {
   int axis;
   DimensionHandle channels;
   TF_RETURN_IF_ERROR(ChannelDim(c, x, &axis, &channels));
-  TF_RETURN_IF_ERROR(MergeChannelVector(c, 1, "scale", false, axis, x, &channels));
-  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "offset", false, axis, x, &channels));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 1, "scale", true, axis, x, &channels));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "offset", true, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 3, "mean", training, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 4, "variance", training, axis, x, &channels));
   c->set_output(0, x);
@@ -82,7 +82,7 @@ absl::Status BackwardShape(InferenceContext* c) {
   int axis;
   DimensionHandle channels;
   TF_RETURN_IF_ERROR(ChannelDim(c, x, &axis, &channels));
-  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "scale", false, axis, x, &channels));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "scale", true, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 3, "mean", false, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 4, "variance", false, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 5, "reserve", true, axis, x, &channels));
@@ -98,8 +98,8 @@ absl::Status BackwardShape(InferenceContext* c) {
 
 REGISTER_OP("TfbnBatchNorm")
     .Input("x: T")
-    .Input("scale: U")
-    .Input("offset: U")
+    .Input("scale: U")     // empty means 1
+    .Input("offset: U")    // empty means 0
     .Input("mean: U")      // inference statistics; empty (or ignored) in training
     .Input("variance: U")
     .Output("y: T")
@@ -117,7 +117,7 @@ REGISTER_OP("TfbnBatchNorm")
 REGISTER_OP("TfbnBatchNormGrad")
     .Input("dy: T")
     .Input("x: T")
-    .Input("scale: U")
+    .Input("scale: U")     // empty means 1
     .Input("mean: U")      // the statistics the forward pass normalized with
     .Input("variance: U")
     .Input("reserve: U")   // the forward's reserve output, or empty (zero)

@@ -57,6 +57,7 @@ def batch_norm(
     Returns `(y, batch_mean, batch_variance)`. In training the statistics are those of the
     batch (biased variance) and `mean`/`variance` are ignored; in inference `mean` and
     `variance` are required and returned as given. `scale`/`offset` None mean 1/0.
+    Static shapes are checked when the graph is built, dynamic ones when the op runs.
     x is float16, bfloat16, float32 or float64; the other arguments are float32
     (float64 for float64 x).
     """
@@ -97,16 +98,19 @@ def batch_norm(
                 f"tfbn.batch_norm: axis={axis} is out of range for x of rank {rank} "
                 f"(shape {x.shape})"
             )
-        if scale is None or offset is None:
-            channels = x.shape[axis] if rank is not None else None
-            if channels is None:
-                channels = tf.shape(x)[axis]
-            if scale is None:
-                scale = tf.ones([channels], dtype)
-            if offset is None:
-                offset = tf.zeros([channels], dtype)
+        channels = x.shape[axis] if rank is not None else None
+        for given, label in ((scale, "scale"), (offset, "offset")):
+            # The op reads an empty scale as 1 and offset as 0: refuse a user's empty one.
+            if given is not None and given.shape.rank == 1 and given.shape[0] == 0 and channels:
+                raise ValueError(
+                    f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
+                    f"(x has shape {x.shape}, channel axis {axis}), got length 0"
+                )
+        empty = tf.zeros([0], dtype)
+        scale = empty if scale is None else scale
+        offset = empty if offset is None else offset
         if training:  # the op ignores given statistics in training
-            mean = variance = tf.zeros([0], dtype)
+            mean = variance = empty
         y, batch_mean, batch_variance, _ = _ops.tfbn_batch_norm(
             x, scale, offset, mean, variance, epsilon=eps, axis=axis, is_training=training
         )
@@ -121,10 +125,18 @@ def _zeros_if_none(grad, like):
     return tf.zeros_like(like) if grad is None else grad
 
 
+def _present(v):
+    """v, or None where the op got an empty per-channel input (statically empty)."""
+    return None if (v.shape.rank == 1 and v.shape[0] == 0) else v
+
+
 @tf.RegisterGradient("TfbnBatchNorm")
 def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
-    x, scale, _, mean, variance = op.inputs
+    x, scale, offset, mean, variance = op.inputs
     attrs = _attrs(op)
+    # An empty scale/offset stood for 1/0: it gets no gradient.
+    keep_dscale = _present(scale) is not None
+    keep_doffset = _present(offset) is not None
     dy = _zeros_if_none(dy, x)
     empty = tf.zeros([0], scale.dtype)
     if attrs["is_training"]:
@@ -135,20 +147,23 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
             empty if d_batch_variance is None else d_batch_variance,
             **attrs,
         )
-        return dx, dscale, doffset, None, None
+        return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
+                None, None)
     dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
         dy, x, scale, mean, variance, empty, empty, empty, **attrs
     )
     # y = (x - mean) * r * scale + offset with r = rsqrt(variance + eps); the statistics
     # outputs are the inputs passed through.
     r = tf.math.rsqrt(variance + tf.cast(attrs["epsilon"], variance.dtype))
-    dmean = -scale * r * doffset
-    dvariance = -0.5 * scale * r * r * dscale
+    sr = scale * r if keep_dscale else r
+    dmean = -sr * doffset
+    dvariance = -0.5 * sr * r * dscale
     if d_batch_mean is not None:
         dmean += d_batch_mean
     if d_batch_variance is not None:
         dvariance += d_batch_variance
-    return dx, dscale, doffset, dmean, dvariance
+    return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
+            dmean, dvariance)
 
 
 def _as_3d(t, axis):
@@ -165,7 +180,7 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
     In training, mean and variance are recomputed from x so that their dependence on x
     is part of the derivative.
     """
-    dtype = scale.dtype
+    dtype = mean.dtype
     x3 = _as_3d(tf.cast(x, dtype), axis)
     dy3 = _as_3d(tf.cast(dy, dtype), axis)
     col = lambda v: v[None, :, None]  # noqa: E731
@@ -174,26 +189,22 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
         mean = tf.reduce_mean(x3, axis=[0, 2])
         variance = tf.reduce_mean(tf.square(x3 - col(mean)), axis=[0, 2])
     r = tf.math.rsqrt(variance + eps)
+    sr = r if scale is None else scale * r
     xc = x3 - col(mean)
     xhat = xc * col(r)
     doffset = tf.reduce_sum(dy3, axis=[0, 2])
     dscale = tf.reduce_sum(dy3 * xhat, axis=[0, 2])
     if training:
         m = tf.cast(tf.shape(x3)[0] * tf.shape(x3)[2], dtype)
-        dx3 = col(scale * r) * (dy3 - col(doffset / m) - xhat * col(dscale / m))
+        dx3 = col(sr) * (dy3 - col(doffset / m) - xhat * col(dscale / m))
         if d_mean is not None:
             dx3 += col(d_mean / m)
         if d_var is not None:
             dx3 += col(2.0 * d_var / m) * xc
     else:
-        dx3 = col(scale * r) * dy3
+        dx3 = col(sr) * dy3
     dx = tf.cast(tf.reshape(dx3, tf.shape(x)), x.dtype)
     return dx, dscale, doffset
-
-
-def _present(v):
-    """A per-channel gradient input, or None where the op got an empty one."""
-    return None if (v.shape.rank == 1 and v.shape[0] == 0) else v
 
 
 @tf.RegisterGradient("TfbnBatchNormGrad")
@@ -207,7 +218,8 @@ def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset):
     if axis < 0:
         axis += x.shape.rank
     d_mean, d_var = (_present(d_mean), _present(d_var)) if training else (None, None)
-    sources = [dy, x, scale]
+    scale = _present(scale)
+    sources = [dy, x] + ([scale] if scale is not None else [])
     if training:
         sources += [v for v in (d_mean, d_var) if v is not None]
     else:
@@ -218,11 +230,12 @@ def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset):
             dy, x, scale, mean, variance, d_mean, d_var, attrs["epsilon"], axis, training
         )
     upstream = [_zeros_if_none(g, o) for g, o in zip((ddx, ddscale, ddoffset), outputs)]
-    grads = tape.gradient(outputs, sources, output_gradients=upstream)
-    g_dy, g_x, g_scale = grads[:3]
+    grads = iter(tape.gradient(outputs, sources, output_gradients=upstream))
+    g_dy, g_x = next(grads), next(grads)
+    g_scale = next(grads) if scale is not None else None
     if not training:
-        return g_dy, g_x, g_scale, grads[3], grads[4], None, None, None
-    rest = iter(grads[3:])
+        return g_dy, g_x, g_scale, next(grads), next(grads), None, None, None
+    rest = grads
     g_dmean = next(rest) if d_mean is not None else None
     g_dvar = next(rest) if d_var is not None else None
     return g_dy, g_x, g_scale, None, None, None, g_dmean, g_dvar

@@ -1,0 +1,66 @@
+// The inner loops of the CPU kernels, compiled once per instruction set (baseline x86-64,
+// AVX2+FMA+F16C, AVX-512) and chosen at run time (cpu_dispatch.cc). The driver in
+// batch_norm_cpu.cc owns the partition, the threads and the per-channel math; these only
+// stream over memory. Every kernel sums in a fixed order, so all instruction sets give
+// the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace tfbn {
+
+// Storage-compatible stand-ins for Eigen::half / Eigen::bfloat16, so the per-ISA files
+// need no Eigen (inline functions compiled with different -m flags must not be shared).
+struct HalfBits {
+  uint16_t bits;
+};
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+// "Rows" kernels: channels-last (inner == 1), rows [r0, r1) of C channels each.
+// "Planar" kernels: one channel c of an [outer, C, inner] tensor, over its per-channel
+// indices [j0, j1) (j = o * inner + i). Unit kernels: elementwise passes over work units
+// u in [u0, u1), unit u being chunk (u % chunks) of plane (u / chunks), chunks of run_len.
+template <typename T, typename U>
+struct CpuKernels {
+  void (*moments_rows)(const T* x, int64_t C, int64_t r0, int64_t r1, const U* shift,
+                       double* s1, double* s2);
+  void (*moments_planar)(const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0,
+                         int64_t j1, U shift, double* s1, double* s2);
+  void (*grad_sums_rows)(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1,
+                         const U* hi, const U* lo, double* s1, double* s2);
+  void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c,
+                           int64_t j0, int64_t j1, U hi, U lo, double* s1, double* s2);
+  // y = ((x - hi) - lo) * a + b
+  void (*affine_rows)(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const U* hi,
+                      const U* lo, const U* a, const U* b);
+  void (*affine_units)(const T* x, T* y, int64_t C, int64_t inner, int64_t run_len,
+                       int64_t u0, int64_t u1, const U* hi, const U* lo, const U* a,
+                       const U* b);
+  // dx = ga * dy + gb * ((x - hi) - lo) + gc; gb == nullptr: dx = ga * dy.
+  void (*grad_rows)(const T* dy, const T* x, T* dx, int64_t C, int64_t r0, int64_t r1,
+                    const U* hi, const U* lo, const U* ga, const U* gb, const U* gc);
+  void (*grad_units)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t run_len,
+                     int64_t u0, int64_t u1, const U* hi, const U* lo, const U* ga, const U* gb,
+                     const U* gc);
+};
+
+struct CpuKernelTable {
+  const char* isa;
+  CpuKernels<HalfBits, float> half;
+  CpuKernels<BFloat16Bits, float> bfloat16;
+  CpuKernels<float, float> f32;
+  CpuKernels<double, double> f64;
+};
+
+// The table for the best instruction set this processor supports (TFBN_CPU_ISA=generic,
+// avx2 or avx512 in the environment forces one, for testing).
+const CpuKernelTable& BestCpuKernels();
+
+// Per-ISA tables (defined in cpu_kernels_<isa>.cc).
+const CpuKernelTable& GenericCpuKernels();
+const CpuKernelTable& Avx2CpuKernels();
+const CpuKernelTable& Avx512CpuKernels();
+
+}  // namespace tfbn

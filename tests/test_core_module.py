@@ -1,0 +1,109 @@
+"""The pybind11 module tfbn._core: the same core kernels on NumPy arrays, no TensorFlow."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import reference as ref
+import tfbn
+
+CORE_PATH = next(
+    os.path.join(os.path.dirname(tfbn.__file__), f)
+    for f in os.listdir(os.path.dirname(tfbn.__file__)) if f.startswith("_core.")
+)
+
+
+def load_core():
+    """Loads the extension from its file, without importing the tfbn package."""
+    spec = importlib.util.spec_from_file_location("_core", CORE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+core = load_core()
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
+          "float64": np.float64}
+
+
+def test_module_does_not_need_tensorflow():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_core', {CORE_PATH!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "import numpy as np\n"
+        "y = m.batch_norm_forward(np.arange(12, dtype=np.float32).reshape(4, 3))[0]\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "print(float(abs(y).max()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert float(out.stdout) > 1.0
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape,axis", [((5, 4, 3, 6), -1), ((5, 6, 3, 4), 1), ((40, 9), -1),
+                                        ((2, 3, 4, 5, 6), 2)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_and_backward_match_reference(shape, axis, dtype_name, training, threads):
+    rng = np.random.default_rng(0)
+    p = np.float64 if dtype_name == "float64" else np.float32
+    c = shape[axis]
+    x = rng.normal(4.0, 2.0, shape).astype(DTYPES[dtype_name])
+    dy = rng.normal(size=shape).astype(DTYPES[dtype_name])
+    scale, offset = rng.uniform(0.5, 1.5, c).astype(p), rng.normal(size=c).astype(p)
+    mean, var = rng.normal(size=c).astype(p), rng.uniform(0.5, 2, c).astype(p)
+    kw = dict(axis=axis, epsilon=1e-3, training=training, threads=threads)
+    y, bm, bv, reserve = core.batch_norm_forward(x, scale, offset, mean, var, **kw)
+    y_ref, m_ref, v_ref = ref.forward(x, scale, offset, mean, var, axis=axis,
+                                      training=training)
+    ref.assert_close(y, y_ref, dtype_name, "y")
+    # hi + lo carries the mean to well below float32's resolution of the data.
+    mean_tol = 1e-12 if dtype_name == "float64" else 1e-7 * float(np.std(x.astype(np.float64)))
+    np.testing.assert_allclose(bm.astype(np.float64) + reserve, m_ref, rtol=0, atol=mean_tol)
+    np.testing.assert_allclose(bv, v_ref, rtol=1e-6)
+    dx, dscale, doffset = core.batch_norm_backward(dy, x, scale, bm, bv, reserve, **kw)
+    dx_ref, ds_ref, do_ref = ref.backward(dy, x, scale, bm.astype(np.float64) + reserve, bv,
+                                          axis=axis, training=training)
+    ref.assert_close(dx, dx_ref, dtype_name, "dx")
+    np.testing.assert_allclose(dscale, ds_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(doffset, do_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_thread_count_does_not_change_bits():
+    x = np.random.default_rng(1).normal(3, 1, (64, 28, 28, 16)).astype(np.float32)
+    runs = [core.batch_norm_forward(x, threads=t) for t in (1, 2, 5)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_errors_name_the_argument():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="x must have rank >= 2"):
+        core.batch_norm_forward(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="axis = 2 is out of range"):
+        core.batch_norm_forward(x, axis=2)
+    with pytest.raises(ValueError, match="scale must be a vector of length C = 3"):
+        core.batch_norm_forward(x, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="mean is required"):
+        core.batch_norm_forward(x, training=False)
+    with pytest.raises(ValueError, match="epsilon must be positive"):
+        core.batch_norm_forward(x, epsilon=0.0)
+    with pytest.raises(ValueError, match="x must be float16, bfloat16, float32 or float64, got int32"):
+        core.batch_norm_forward(np.ones((2, 2), np.int32))
+
+
+def test_stream_copy():
+    src = np.random.default_rng(2).normal(size=100_003).astype(np.float32)
+    dst = np.empty_like(src)
+    core.stream_copy(src, dst, threads=2)
+    np.testing.assert_array_equal(src, dst)
+    with pytest.raises(ValueError, match="same byte size"):
+        core.stream_copy(src, np.empty(3, np.float32))
