@@ -2,9 +2,10 @@
 // for the contract and batch_norm_cpu.cc for the reference these kernels follow).
 //
 // Structure, per direction: a reduction kernel writes per-block double partials into the
-// workspace; a small finalize kernel merges them in a fixed order and turns them into
-// per-channel coefficients (the same formulas as the CPU code, evaluated in double); an
-// elementwise kernel applies the coefficients. Two layouts of the [outer, C, inner] view:
+// workspace (terms computed in U and summed in U over short stretches that are flushed
+// into double, as the CPU kernels do); a small finalize kernel merges the partials in a
+// fixed order and turns them into per-channel coefficients (the CPU code's formulas,
+// evaluated in double); an elementwise kernel applies the coefficients. Two layouts of the [outer, C, inner] view:
 //   rows   (inner == 1, channels last): a thread owns kVec adjacent channels and walks rows;
 //   planes (inner > 1): a block owns one channel and a range of its outer*inner elements.
 //
@@ -82,11 +83,6 @@ struct Num<double> {
 template <typename T>
 using ParamT = typename Num<T>::U;
 
-template <typename T>
-__device__ __forceinline__ double ToDouble(T v) {
-  return static_cast<double>(Num<T>::ToU(v));
-}
-
 // Elements per 16-byte vector: the group size of both layouts.
 template <typename T>
 constexpr int kVec = static_cast<int>(16 / sizeof(T));
@@ -110,25 +106,38 @@ __host__ __device__ __forceinline__ int64_t Split(int64_t b, int64_t nb, int64_t
   return (n / nb) * b + ((n % nb) * b) / nb;
 }
 
-// ---- reduction operators: two per-channel double sums ----
+// ---- reduction operators: two per-channel sums ----
+// As the CPU kernels (cpu_kernels.inc): each element's terms are computed and summed in U
+// over a fixed stretch of kFlush elements per accumulator, and each stretch is then added
+// into double. The stretches are defined by the thread's element sequence, which depends
+// on the shape only.
 
-// Moments: sums of d = x - shift and d^2, shift = the channel's first sample (as the CPU).
+constexpr int kFlush = 32;  // elements summed in U before adding into double
+
+// Per-channel constants of an operator, in U.
+template <typename U>
+struct Center {
+  U a, b;
+};
+
+// Moments: sums of d = x - shift and d^2, shift = U(first sample of the channel).
 template <typename T_>
 struct MomentsOp {
   using T = T_;
+  using U = ParamT<T>;
   static constexpr int kInputs = 1;
   const T* a;  // x
   const T* b;  // unused
   int64_t inner;
-  __device__ double Center(int64_t c) const { return ToDouble(a[c * inner]); }
-  __device__ void Add(T va, T, double center, double& s1, double& s2) const {
-    const double d = ToDouble(va) - center;
+  __device__ Center<U> CenterOf(int64_t c) const { return {Num<T>::ToU(a[c * inner]), U(0)}; }
+  __device__ static void Add(T va, T, const Center<U>& k, U& s1, U& s2) {
+    const U d = Num<T>::ToU(va) - k.a;
     s1 += d;
     s2 += d * d;
   }
 };
 
-// Gradient sums: sum(dy) and sum(dy * (x - mean)), mean = hi + lo in double.
+// Gradient sums: sum(dy) and sum(dy * ((x - hi) - lo)).
 template <typename T_>
 struct GradSumsOp {
   using T = T_;
@@ -138,13 +147,11 @@ struct GradSumsOp {
   const T* b;  // x
   const U* hi;
   const U* lo;  // nullable
-  __device__ double Center(int64_t c) const {
-    return static_cast<double>(hi[c]) + (lo ? static_cast<double>(lo[c]) : 0.0);
-  }
-  __device__ void Add(T va, T vb, double center, double& s1, double& s2) const {
-    const double g = ToDouble(va);
+  __device__ Center<U> CenterOf(int64_t c) const { return {hi[c], lo ? lo[c] : U(0)}; }
+  __device__ static void Add(T va, T vb, const Center<U>& k, U& s1, U& s2) {
+    const U g = Num<T>::ToU(va);
     s1 += g;
-    s2 += g * (ToDouble(vb) - center);
+    s2 += g * ((Num<T>::ToU(vb) - k.a) - k.b);
   }
 };
 
@@ -164,51 +171,61 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t off
 }
 
 // Rows layout [rows, C]. Block (tile, b): channels of tile, rows [Split(b), Split(b+1)).
-// Thread (tx, ty) owns kVec channels and rows r = begin + ty + k * TY, summed in that order;
-// the TY partial sums of a channel are merged by a fixed tree in shared memory.
+// Thread (tx, ty) owns kVec channels and rows r = begin + ty + k * TY, summed in that order
+// (kFlush rows per stretch); the TY partial sums of a channel are merged by a fixed tree
+// in shared memory.
 template <class Op, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb,
                      double* partial) {
   using T = typename Op::T;
+  using U = typename Op::U;
   constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  static_assert(kFlush % kU == 0, "a stretch is whole unrolled steps");
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t tile = blockIdx.x % tiles, b = blockIdx.x / tiles;
   const int64_t c0 = (tile * TX + tx) * V;
   const int64_t r_end = Split(b + 1, nb, rows);
-  double s1[V], s2[V], center[V];
+  double s1[V], s2[V];
+  Center<U> center[V];
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     s1[l] = 0.0;
     s2[l] = 0.0;
-    center[l] = c0 + l < C ? op.Center(c0 + l) : 0.0;
+    center[l] = c0 + l < C ? op.CenterOf(c0 + l) : Center<U>{U(0), U(0)};
   }
   if (c0 < C) {
     const int64_t left = C - c0;
-    int64_t r = Split(b, nb, rows) + ty;
-    for (; r + (kU - 1) * TY < r_end; r += kU * TY) {
-      Pack<T, V> va[kU], vb[kU];
+    for (int64_t r = Split(b, nb, rows) + ty; r < r_end;) {
+      U a1[V], a2[V];
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t off = (r + u * TY) * C + c0;
-        va[u] = LoadRowGroup<T, kAligned>(op.a, off, left);
-        if constexpr (Op::kInputs == 2) vb[u] = LoadRowGroup<T, kAligned>(op.b, off, left);
+      for (int l = 0; l < V; ++l) a1[l] = a2[l] = U(0);
+      for (int k = 0; k < kFlush && r < r_end; k += kU) {
+        Pack<T, V> va[kU], vb[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t ru = r + int64_t{u} * TY;
+          if (ru < r_end) {
+            va[u] = LoadRowGroup<T, kAligned>(op.a, ru * C + c0, left);
+            if constexpr (Op::kInputs == 2)
+              vb[u] = LoadRowGroup<T, kAligned>(op.b, ru * C + c0, left);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (r + int64_t{u} * TY < r_end) {
+#pragma unroll
+            for (int l = 0; l < V; ++l)
+              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center[l],
+                      a1[l], a2[l]);
+          }
+        r += int64_t{kU} * TY;
       }
 #pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int l = 0; l < V; ++l) {
-          const T vbl = Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l];
-          op.Add(va[u].v[l], vbl, center[l], s1[l], s2[l]);
-        }
-    }
-    for (; r < r_end; r += TY) {
-      const int64_t off = r * C + c0;
-      const Pack<T, V> va = LoadRowGroup<T, kAligned>(op.a, off, left);
-      Pack<T, V> vb = va;
-      if constexpr (Op::kInputs == 2) vb = LoadRowGroup<T, kAligned>(op.b, off, left);
-#pragma unroll
-      for (int l = 0; l < V; ++l) op.Add(va.v[l], vb.v[l], center[l], s1[l], s2[l]);
+      for (int l = 0; l < V; ++l) {
+        s1[l] += static_cast<double>(a1[l]);
+        s2[l] += static_cast<double>(a2[l]);
+      }
     }
   }
   // Shared memory [2][TY][V][TX]: conflict-free across tx.
@@ -281,20 +298,24 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o
 
 // Planes layout [outer, C, inner]. Block (c, b) sums groups [Split(b), Split(b+1)) of
 // channel c (a group is kVec consecutive elements of its outer*inner sequence); thread t
-// takes groups begin + t + k * kThreads in that order. kAligned: inner % kVec == 0 and
-// 16-byte aligned data, so a group is one vector load inside one plane.
+// takes groups begin + t + k * kThreads in that order, kFlush / kVec groups per stretch.
+// kAligned: inner % kVec == 0 and 16-byte aligned data, so a group is one vector load
+// inside one plane.
 template <class Op, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     ReducePlanesKernel(Op op, int64_t outer, int64_t C, int64_t inner, int64_t nb,
                        double* partial) {
   using T = typename Op::T;
+  using U = typename Op::U;
   constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  constexpr int kStretch = kFlush / V;  // groups per stretch
+  static_assert(kStretch % kU == 0, "a stretch is whole unrolled steps");
   __shared__ double smem[kThreads / 32];
   const int64_t c = blockIdx.x % C, b = blockIdx.x / C;
   const int64_t m = outer * inner;
   const int64_t groups = (m + V - 1) / V;
   const int64_t g_end = Split(b + 1, nb, groups);
-  const double center = op.Center(c);
+  const Center<U> center = op.CenterOf(c);
   double s1 = 0.0, s2 = 0.0;
   int64_t g = Split(b, nb, groups) + threadIdx.x;
   if (g < g_end) {
@@ -305,33 +326,36 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     constexpr int64_t kStep = int64_t{kThreads} * V;
     const int64_t step_o = kStep / inner, step_i = kStep - step_o * inner;
     while (g < g_end) {
-      Pack<T, V> va[kU], vb[kU];
-      int valid[kU];
+      U a1 = U(0), a2 = U(0);
+      for (int k = 0; k < kStretch && g < g_end; k += kU) {
+        Pack<T, V> va[kU], vb[kU];
+        int valid[kU];
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t gu = g + int64_t{u} * kThreads;
-        valid[u] = gu < g_end ? static_cast<int>(min(int64_t{V}, m - gu * V)) : 0;
-        if (valid[u] > 0) {
-          va[u] = LoadPlaneGroup<T, kAligned>(pa, o, i, inner, plane_stride, valid[u]);
-          if constexpr (Op::kInputs == 2)
-            vb[u] = LoadPlaneGroup<T, kAligned>(pb, o, i, inner, plane_stride, valid[u]);
-        }
-        i += step_i;
-        o += step_o;
-        if (i >= inner) {
-          i -= inner;
-          ++o;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int l = 0; l < V; ++l)
-          if (l < valid[u]) {
-            const T vbl = Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l];
-            op.Add(va[u].v[l], vbl, center, s1, s2);
+        for (int u = 0; u < kU; ++u) {
+          const int64_t gu = g + int64_t{u} * kThreads;
+          valid[u] = gu < g_end ? static_cast<int>(min(int64_t{V}, m - gu * V)) : 0;
+          if (valid[u] > 0) {
+            va[u] = LoadPlaneGroup<T, kAligned>(pa, o, i, inner, plane_stride, valid[u]);
+            if constexpr (Op::kInputs == 2)
+              vb[u] = LoadPlaneGroup<T, kAligned>(pb, o, i, inner, plane_stride, valid[u]);
           }
-      g += int64_t{kU} * kThreads;
+          i += step_i;
+          o += step_o;
+          if (i >= inner) {
+            i -= inner;
+            ++o;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+#pragma unroll
+          for (int l = 0; l < V; ++l)
+            if (l < valid[u])
+              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center, a1, a2);
+        g += int64_t{kU} * kThreads;
+      }
+      s1 += static_cast<double>(a1);
+      s2 += static_cast<double>(a2);
     }
   }
   s1 = BlockSum(s1, smem);
@@ -410,7 +434,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       mean_d = __longlong_as_double(0x7ff8000000000000LL);  // NaN, as the CPU code
       m2 = mean_d;
     } else {
-      const double shift = ToDouble(x[c * inner]);
+      const double shift = static_cast<double>(Num<T>::ToU(x[c * inner]));  // as summed
       const double d = s1 / md;
       mean_d = shift + d;
       const double v = s2 - s1 * d;

@@ -6,10 +6,10 @@
 // Per-channel inputs and outputs live in device memory.
 //
 // The results follow BatchNormForward / BatchNormBackward in batch_norm.h formula by
-// formula (same shift-by-first-sample moments in double, same hi/lo mean split, same
-// per-channel coefficients, no fused multiply-add), so they match the CPU kernels to the
-// last bit of the elementwise part given the same statistics; the statistics themselves
-// agree up to the order of double additions. Reductions use a partition that depends on
+// formula (moments shifted by the channel's first sample, terms summed in U over short
+// stretches flushed into double, the hi/lo mean split, the same per-channel coefficients,
+// no fused multiply-add), so the elementwise part matches the CPU kernels bit for bit
+// given the same statistics; the statistics agree up to the order of the additions. Reductions use a partition that depends on
 // the shape and dtype only, and merge partials in a fixed order, without floating-point
 // atomics: the same inputs give bitwise the same outputs on every run and every GPU.
 //
