@@ -59,8 +59,9 @@ set_target_properties(tfbn_cuda PROPERTIES
   CUDA_RUNTIME_LIBRARY None
   POSITION_INDEPENDENT_CODE ON)
 # --fmad=false: no multiply-add contraction, the CPU code's arithmetic (see the .cu).
+# --threads=0: the per-architecture compilations of the one .cu run in parallel.
 target_compile_options(tfbn_cuda PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:--fmad=false -Xcompiler=-Wall>)
+  $<$<COMPILE_LANGUAGE:CUDA>:--fmad=false --threads=0 -Xcompiler=-Wall>)
 
 add_library(tfbn_cudart INTERFACE)
 target_link_libraries(tfbn_cudart INTERFACE

@@ -9,9 +9,13 @@ build that has no CUDA.
 import glob
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
+
+# tests/reference.py (the float64 reference), whatever pytest takes as its rootdir.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _core_path():

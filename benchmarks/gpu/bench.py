@@ -1,0 +1,254 @@
+"""GPU benchmark: tfbn's CUDA kernels vs torch.nn.functional.batch_norm and a device copy.
+
+ResNet-50's Batch Normalization shapes at batch 256, float32 and bfloat16, channels-last
+(NHWC, tfbn axis=-1) and contiguous (NCHW, tfbn axis=1); training forward and backward.
+Times are per call from CUDA events around back-to-back calls on one stream; the copy
+(dst.copy_(src), same bytes as x) is measured in the same run as the yardstick.
+
+Bandwidth: "moved" counts the bytes the two-pass kernels move (forward reads x twice and
+writes y: 3N; backward reads dy and x twice and writes dx: 5N, N = bytes of x);
+"ideal" counts what a single-pass kernel would move (2N and 3N). The copy moves 2N.
+
+Needs PyTorch with CUDA and tfbn._core built with CUDA (TFBN_CORE_PATH or installed tfbn);
+no TensorFlow. Usage: python bench.py [--out DIR] [--quick]
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (channels, spatial size) of ResNet-50's BN layers (torchvision v1.5, 224x224 input).
+RESNET50_BN = [
+    (64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28),
+    (256, 28), (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7),
+]
+BATCH = 256
+EPS = 1e-5
+
+
+def load_core():
+    path = os.environ.get("TFBN_CORE_PATH")
+    if not path:
+        spec = importlib.util.find_spec("tfbn")
+        if spec is None:
+            sys.exit("bench: set TFBN_CORE_PATH to tfbn's _core*.so or install tfbn")
+        path = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "_core.*")))[0]
+    spec = importlib.util.spec_from_file_location("_core", path)
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    if not getattr(core, "cuda_built", False) or not core.cuda_available():
+        sys.exit(f"bench: {path} has no usable CUDA (built={getattr(core, 'cuda_built', False)})")
+    return core, path
+
+
+def desc(t):
+    """(data_ptr, shape, dtype): the per-call-cheap tensor form the module accepts."""
+    return (t.data_ptr(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+
+def time_per_call(fn, min_ms=30.0, warmup=3):
+    """Mean seconds per call of fn over back-to-back calls, at least min_ms in total."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    iters = 1
+    while True:
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if ms >= min_ms or iters >= 1 << 14:
+            return ms / iters / 1e3
+        iters *= max(2, int(min_ms / max(ms, 1e-3)) + 1) if ms > 0 else 8
+
+
+class Ours:
+    def __init__(self, core, x, axis):
+        self.core = core
+        c = x.shape[axis]
+        u = torch.float32
+        dev = x.device
+        self.axis = axis
+        self.x = desc(x)
+        self.y_t = torch.empty_like(x)
+        self.dy_t = torch.randn_like(x)
+        self.dx_t = torch.empty_like(x)
+        self.y, self.dy, self.dx = desc(self.y_t), desc(self.dy_t), desc(self.dx_t)
+        self.params = [torch.empty(c, dtype=u, device=dev) for _ in range(7)]
+        self.params[0].uniform_(0.5, 1.5)
+        self.params[1].normal_()
+        (self.scale, self.offset, self.bm, self.bv, self.res, self.ds,
+         self.do) = [desc(p) for p in self.params]
+        shape, dtype = list(x.shape), self.x[2]
+        fw = core.cuda_workspace_bytes(shape, dtype, axis=axis, training=True)
+        bw = core.cuda_workspace_bytes(shape, dtype, axis=axis, backward=True)
+        self.ws_t = torch.empty(max(fw, bw, 1), dtype=torch.uint8, device=dev)
+        self.ws = desc(self.ws_t)
+        self.stream = torch.cuda.current_stream().cuda_stream
+
+    def forward(self):
+        self.core.cuda_batch_norm_forward(
+            self.x, self.scale, self.offset, y=self.y, batch_mean=self.bm,
+            batch_variance=self.bv, reserve=self.res, axis=self.axis, epsilon=EPS,
+            training=True, stream=self.stream, workspace=self.ws)
+
+    def backward(self):
+        self.core.cuda_batch_norm_backward(
+            self.dy, self.x, self.scale, self.bm, self.bv, self.res, dx=self.dx,
+            dscale=self.ds, doffset=self.do, axis=self.axis, epsilon=EPS, training=True,
+            stream=self.stream, workspace=self.ws)
+
+
+class Torch:
+    """F.batch_norm's training path without autograd's per-call overhead: the aten ops it
+    dispatches to (cuDNN or the native kernels, as PyTorch chooses), where available."""
+
+    def __init__(self, x_nchw):
+        c = x_nchw.shape[1]
+        dev = x_nchw.device
+        self.x = x_nchw
+        self.w = torch.rand(c, device=dev) + 0.5
+        self.b = torch.randn(c, device=dev)
+        self.rm = torch.zeros(c, device=dev)
+        self.rv = torch.ones(c, device=dev)
+        self.dy = torch.randn_like(x_nchw)
+        self.fused = hasattr(torch.ops.aten, "_batch_norm_with_update") and hasattr(
+            torch.ops.aten, "batch_norm_backward")
+        self.saved = None
+        try:
+            self.forward()
+            self.backward()
+        except (RuntimeError, TypeError):  # another signature: the public API instead
+            self.fused = False
+            self.forward()
+
+    def forward(self):
+        if self.fused:
+            self.saved = torch.ops.aten._batch_norm_with_update(
+                self.x, self.w, self.b, self.rm, self.rv, 0.1, EPS)
+        else:
+            self.saved = F.batch_norm(self.x, self.rm, self.rv, self.w, self.b, True, 0.1, EPS)
+
+    def backward(self):
+        if self.fused:
+            _, mean, rstd, reserve = self.saved
+            torch.ops.aten.batch_norm_backward(
+                self.dy, self.x, self.w, self.rm, self.rv, mean, rstd, True, EPS,
+                [True, True, True], reserve)
+        else:  # autograd fallback: forward included
+            x = self.x.detach().requires_grad_(True)
+            F.batch_norm(x, self.rm, self.rv, self.w, self.b, True, 0.1, EPS).backward(self.dy)
+
+
+def run_case(core, c, hw, dtype, layout, min_ms):
+    dt = getattr(torch, dtype)
+    x_nchw = torch.randn(BATCH, c, hw, hw, device="cuda", dtype=torch.float32).mul_(2).add_(1)
+    x_nchw = x_nchw.to(dt)
+    if layout == "channels_last":
+        x_ours, axis = x_nchw.permute(0, 2, 3, 1).contiguous(), -1
+        x_torch = x_nchw.contiguous(memory_format=torch.channels_last)
+    else:
+        x_ours, axis = x_nchw.contiguous(), 1
+        x_torch = x_nchw.contiguous()
+    del x_nchw
+    nbytes = x_ours.numel() * x_ours.element_size()
+
+    ours = Ours(core, x_ours, axis)
+    t_of = time_per_call(ours.forward, min_ms)
+    t_ob = time_per_call(ours.backward, min_ms)
+    del ours
+    ref = Torch(x_torch)
+    t_tf = time_per_call(ref.forward, min_ms)
+    t_tb = time_per_call(ref.backward, min_ms)
+    fused = ref.fused
+    if not fused:
+        t_tb -= t_tf  # the fallback's backward includes a forward
+    del ref
+    src, dst = x_ours, torch.empty_like(x_ours)
+    t_copy = time_per_call(lambda: dst.copy_(src), min_ms)
+    del src, dst, x_ours, x_torch
+
+    gbs = lambda b, t: b / t / 1e9  # noqa: E731
+    copy_bw = gbs(2 * nbytes, t_copy)
+    ours_fb = t_of + t_ob
+    torch_fb = t_tf + t_tb
+    return {
+        "channels": c, "spatial": hw, "batch": BATCH, "dtype": dtype, "layout": layout,
+        "megabytes": nbytes / 2 ** 20,
+        "us": {"tfbn_forward": t_of * 1e6, "tfbn_backward": t_ob * 1e6,
+               "tfbn_fwd_bwd": ours_fb * 1e6, "torch_forward": t_tf * 1e6,
+               "torch_backward": t_tb * 1e6, "torch_fwd_bwd": torch_fb * 1e6,
+               "copy": t_copy * 1e6},
+        "gbps": {"copy": copy_bw,
+                 "tfbn_fwd_bwd_moved": gbs(8 * nbytes, ours_fb),
+                 "tfbn_fwd_bwd_ideal": gbs(5 * nbytes, ours_fb),
+                 "torch_fwd_bwd_ideal": gbs(5 * nbytes, torch_fb),
+                 "tfbn_forward_moved": gbs(3 * nbytes, t_of),
+                 "tfbn_backward_moved": gbs(5 * nbytes, t_ob)},
+        "tfbn_fraction_of_copy": gbs(8 * nbytes, ours_fb) / copy_bw,
+        "speedup_vs_torch": torch_fb / ours_fb,
+        "torch_path": ("aten._batch_norm_with_update + aten.batch_norm_backward" if fused
+                       else "F.batch_norm + autograd (backward = total - forward)"),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="4 shapes, shorter timings")
+    parser.add_argument("--min-ms", type=float, default=25.0)
+    args = parser.parse_args()
+    core, path = load_core()
+    shapes = RESNET50_BN[::3] if args.quick else RESNET50_BN
+    min_ms = 10.0 if args.quick else args.min_ms
+    torch.backends.cudnn.benchmark = True
+    results = []
+    header = (f"{'C':>5} {'HW':>4} {'dtype':>8} {'layout':>13} {'MB':>7} | "
+              f"{'tfbn f+b us':>11} {'torch f+b us':>12} {'speedup':>7} | "
+              f"{'moved GB/s':>10} {'copy GB/s':>9} {'of copy':>7}")
+    print(f"tfbn {path}\ntorch {torch.__version__} CUDA {torch.version.cuda} on "
+          f"{torch.cuda.get_device_name()}\n{header}", flush=True)
+    started = time.time()
+    for dtype in ("float32", "bfloat16"):
+        for layout in ("channels_last", "contiguous"):
+            for c, hw in shapes:
+                r = run_case(core, c, hw, dtype, layout, min_ms)
+                results.append(r)
+                print(f"{c:>5} {hw:>4} {dtype:>8} {layout:>13} {r['megabytes']:>7.1f} | "
+                      f"{r['us']['tfbn_fwd_bwd']:>11.1f} {r['us']['torch_fwd_bwd']:>12.1f} "
+                      f"{r['speedup_vs_torch']:>7.2f} | {r['gbps']['tfbn_fwd_bwd_moved']:>10.0f} "
+                      f"{r['gbps']['copy']:>9.0f} {r['tfbn_fraction_of_copy']:>7.2f}", flush=True)
+    big = [r for r in results if r["megabytes"] >= 64]
+    summary = {
+        "cases": len(results),
+        "cases_at_least_64MB": len(big),
+        "min_fraction_of_copy_64MB": min((r["tfbn_fraction_of_copy"] for r in big), default=None),
+        "min_speedup_vs_torch_channels_last_64MB": min(
+            (r["speedup_vs_torch"] for r in big if r["layout"] == "channels_last"), default=None),
+        "seconds": time.time() - started,
+    }
+    print("summary:", json.dumps(summary), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "bench_gpu.json")
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "torch_cuda": torch.version.cuda, "tfbn_core": path,
+                   "cuda_runtime": core.cuda_runtime_version(),
+                   "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
+                   "summary": summary, "results": results}, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

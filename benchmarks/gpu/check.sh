@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a GPU machine without TensorFlow (nvcc, CMake, ninja,
+# pybind11, PyTorch with CUDA, pytest): builds the CUDA core and a CUDA-only tfbn._core
+# (-DTFBN_TF_OPS=OFF), runs tests/gpu, then the benchmark. Results go to the folder given
+# as $1, or $OUT, or ./gpu-results: env.txt, build.log, tests.log (+ junit xml),
+# bench.log, bench_gpu.json. Exit status: the first failing step's.
+#   benchmarks/gpu/check.sh [OUT_DIR]          TFBN_BENCH_ARGS=--quick for a short bench
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT_DIR="$(mkdir -p "${1:-${OUT:-$PWD/gpu-results}}" && cd "${1:-${OUT:-$PWD/gpu-results}}" && pwd)"
+BUILD="${TFBN_GPU_BUILD_DIR:-$ROOT/build/gpu-check}"
+PY="${PYTHON:-python3}"
+status=0
+step() { echo "== $* ($(date +%T))" | tee -a "$OUT_DIR/steps.log"; }
+
+step env
+{
+  nvidia-smi || true
+  nvcc --version || true
+  cmake --version | head -1
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
+  nproc
+} > "$OUT_DIR/env.txt" 2>&1
+
+step build
+t0=$(date +%s)
+if ! { cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+         -DTFBN_TF_OPS=OFF -DTFBN_CUDA=ON -DPython_EXECUTABLE="$(command -v "$PY")" \
+         -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
+       cmake --build "$BUILD" --parallel; } > "$OUT_DIR/build.log" 2>&1; then
+  tail -40 "$OUT_DIR/build.log"
+  echo "check.sh: build failed (see $OUT_DIR/build.log)"
+  exit 1
+fi
+echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$OUT_DIR/build.log"
+CORE="$(ls "$BUILD"/_core*.so | head -1)"
+export TFBN_CORE_PATH="$CORE"
+
+step tests
+timeout 330 "$PY" -m pytest "$ROOT/tests/gpu" -q -rs -p no:cacheprovider \
+  --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=$rc
+
+step bench
+timeout 210 "$PY" "$ROOT/benchmarks/gpu/bench.py" --out "$OUT_DIR" ${TFBN_BENCH_ARGS:-} 2>&1 |
+  tee "$OUT_DIR/bench.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+
+step "done (status $status)"
+exit "$status"
