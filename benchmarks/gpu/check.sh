@@ -11,6 +11,9 @@ OUT_DIR="$(mkdir -p "${1:-${OUT:-$PWD/gpu-results}}" && cd "${1:-${OUT:-$PWD/gpu
 BUILD="${TFBN_GPU_BUILD_DIR:-$ROOT/build/gpu-check}"
 PY="${PYTHON:-python3}"
 status=0
+if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
 step() { echo "== $* ($(date +%T))" | tee -a "$OUT_DIR/steps.log"; }
 
 step env

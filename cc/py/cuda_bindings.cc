@@ -260,11 +260,23 @@ class Workspace {
       ptr_ = a.data;
       return;
     }
-    Check(cudaMallocAsync(&ptr_, bytes, stream_), "cudaMallocAsync (workspace)");
-    owned_ = true;
+    const cudaError_t error = cudaMallocAsync(&ptr_, bytes, stream_);
+    if (error == cudaErrorNotSupported) {  // no stream-ordered allocator on this device
+      cudaGetLastError();
+      Check(cudaMalloc(&ptr_, bytes), "cudaMalloc (workspace)");
+      owned_ = kSynchronous;
+      return;
+    }
+    Check(error, "cudaMallocAsync (workspace)");
+    owned_ = kStreamOrdered;
   }
   ~Workspace() {
-    if (owned_) cudaFreeAsync(ptr_, stream_);
+    if (owned_ == kStreamOrdered) {
+      cudaFreeAsync(ptr_, stream_);
+    } else if (owned_ == kSynchronous) {
+      cudaStreamSynchronize(stream_);
+      cudaFree(ptr_);
+    }
   }
   void* get() const { return ptr_; }
   size_t bytes() const { return bytes_; }
@@ -273,7 +285,7 @@ class Workspace {
   cudaStream_t stream_;
   size_t bytes_;
   void* ptr_ = nullptr;
-  bool owned_ = false;
+  enum { kBorrowed, kStreamOrdered, kSynchronous } owned_ = kBorrowed;
 };
 
 cudaStream_t AsStream(int64_t stream) {
