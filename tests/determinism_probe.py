@@ -24,7 +24,7 @@ def digest():
     cases = [((32, 28, 28, 32), -1), ((32, 32, 28, 28), 1), ((4096, 256), -1),
              ((8, 8, 16, 16, 16), 1)]
     for shape, axis in cases:
-        for dtype in (tf.float32, tf.bfloat16, tf.float64):
+        for dtype in (tf.float32, tf.bfloat16, tf.float16, tf.float64):
             x = tf.cast(tf.constant(rng.normal(3.0, 2.0, shape).astype(np.float32)), dtype)
             dy = tf.cast(tf.constant(rng.normal(size=shape).astype(np.float32)), dtype)
             pdt = tf.float64 if dtype == tf.float64 else tf.float32

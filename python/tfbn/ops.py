@@ -15,6 +15,19 @@ def param_dtype(x_dtype):
     return tf.float64 if x_dtype == tf.float64 else tf.float32
 
 
+_EAGER_EMPTY = {}
+
+
+def _empty(dtype):
+    """An empty per-channel vector (the op reads empty scale/offset as 1/0, and empty
+    statistics as unused). Eagerly, one cached tensor per dtype saves an op per call."""
+    if not tf.executing_eagerly():
+        return tf.zeros([0], dtype)
+    if dtype not in _EAGER_EMPTY:
+        _EAGER_EMPTY[dtype] = tf.zeros([0], dtype)
+    return _EAGER_EMPTY[dtype]
+
+
 def _check_epsilon(epsilon):
     try:
         eps = float(epsilon)
@@ -106,7 +119,7 @@ def batch_norm(
                     f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
                     f"(x has shape {x.shape}, channel axis {axis}), got length 0"
                 )
-        empty = tf.zeros([0], dtype)
+        empty = _empty(dtype)
         scale = empty if scale is None else scale
         offset = empty if offset is None else offset
         if training:  # the op ignores given statistics in training
@@ -138,7 +151,7 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     keep_dscale = _present(scale) is not None
     keep_doffset = _present(offset) is not None
     dy = _zeros_if_none(dy, x)
-    empty = tf.zeros([0], scale.dtype)
+    empty = _empty(scale.dtype)
     if attrs["is_training"]:
         # The op's statistics outputs depend on x: their gradients are folded into dx.
         dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
