@@ -190,3 +190,27 @@ def test_over_outer_and_inner_blocking_boundaries(rng):
         ref.assert_close(y, y_ref, "float32", str(shape))
         np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
         np.testing.assert_allclose(var, var_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis,dtype_name", [
+    ((131, 97, 83), 1, "float32"),      # planar, odd plane size: unaligned planes
+    ((40000, 37), -1, "float32"),       # channels-last, odd C: unaligned rows
+    ((300, 70, 101), 1, "bfloat16"),
+    ((2100, 1000), -1, "float16"),
+    ((700, 771), 0, "float64"),
+])
+def test_large_outputs_written_with_streaming_stores(shape, axis, dtype_name):
+    """Outputs of 4 MB and more take the non-temporal store path."""
+    rng = np.random.default_rng(5)
+    x, scale, offset = make_inputs(rng, shape, axis, dtype_name, loc=3.0)
+    dy = rng.standard_normal(shape).astype(x.dtype)
+    assert x.nbytes >= 4 << 20
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y, _, _ = tfbn.batch_norm(xt, scale, offset, axis=axis)
+    dx = tape.gradient(y, xt, output_gradients=tf.constant(dy))
+    y_ref, _, _ = ref.forward(x, scale, offset, axis=axis)
+    ref.assert_close(y, y_ref, dtype_name, "y")
+    dx_ref, _, _ = ref.backward(dy, x, scale, axis=axis)
+    ref.assert_close(dx, dx_ref, dtype_name, "dx")

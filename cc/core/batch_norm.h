@@ -28,6 +28,13 @@ using ParallelFor = std::function<void(int64_t n, int64_t cost_per_item, const R
 // A ParallelFor that runs everything on the calling thread.
 const ParallelFor& SerialFor();
 
+// Copies nbytes with non-temporal stores, the way the kernels write large outputs: the
+// memory-bandwidth yardstick the benchmarks compare the kernels with.
+void StreamCopy(const void* src, void* dst, int64_t nbytes, const ParallelFor& parallel_for);
+
+// The instruction set whose kernels run on this processor ("avx512", "avx2", "generic").
+const char* CpuInstructionSet();
+
 // ---- Building blocks (shared by the fused ops and, later, synchronized BN). ----
 
 // Per-channel mean and M2 = sum of squared deviations from the mean, in double.

@@ -19,9 +19,17 @@ namespace {
 // 2 * kMaxBlocks * C doubles.
 constexpr int64_t kBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlocks = 64;
-// Elementwise passes over planar layouts are cut into runs of at most this many elements
-// so that a few huge planes still spread over all threads.
-constexpr int64_t kRunElements = int64_t{1} << 15;
+// Elementwise passes are cut into pieces of about this many elements for the threads.
+constexpr int64_t kPieceElements = int64_t{1} << 14;
+// Outputs this large are written with non-temporal stores: they would not stay in the
+// cache anyway, and skipping the read of each destination line saves a third of the
+// traffic.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
+
+template <typename T>
+bool StreamOutput(const Layout& layout) {
+  return layout.size() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+}
 
 int64_t NumBlocks(const Layout& layout) {
   // Channels-last blocks hold all channels of their rows; planar tasks are (block,
@@ -120,25 +128,30 @@ void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& 
   }
 }
 
-// Elementwise passes: rows(r0, r1) over a channels-last layout, or units(u0, u1) over
-// planar work units (chunks of at most kRunElements of one plane), spread over threads.
-template <class RowsFn, class UnitsFn>
-void ForEachElementBlock(const Layout& layout, int64_t cost_per_element,
-                         const ParallelFor& parallel_for, const RowsFn& rows,
-                         const UnitsFn& units) {
-  if (layout.size() == 0) return;
-  const int64_t C = layout.channels, inner = layout.inner;
-  if (inner == 1) {
-    parallel_for(layout.outer, cost_per_element * C, rows);
-    return;
-  }
-  const int64_t run_len = std::min(inner, kRunElements);
-  const int64_t runs_per_plane = (inner + run_len - 1) / run_len;
-  parallel_for(layout.outer * C * runs_per_plane, cost_per_element * run_len,
-               [&](int64_t u0, int64_t u1) { units(run_len, u0, u1); });
+// Elementwise passes: fn(e0, e1) over pieces of the flat element range, spread over
+// threads. Pieces start on multiples of kPieceElements (aligned outputs stay aligned).
+template <class Fn>
+void ForEachPiece(const Layout& layout, int64_t cost_per_element,
+                  const ParallelFor& parallel_for, const Fn& fn) {
+  const int64_t n = layout.size();
+  const int64_t pieces = (n + kPieceElements - 1) / kPieceElements;
+  parallel_for(pieces, cost_per_element * kPieceElements, [&](int64_t p0, int64_t p1) {
+    fn(p0 * kPieceElements, std::min(n, p1 * kPieceElements));
+  });
 }
 
 }  // namespace
+
+void StreamCopy(const void* src, void* dst, int64_t nbytes, const ParallelFor& parallel_for) {
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const auto copy = BestCpuKernels().stream_copy;
+  parallel_for((nbytes + kChunk - 1) / kChunk, kChunk / 8, [&](int64_t b, int64_t e) {
+    const int64_t begin = b * kChunk, end = std::min(nbytes, e * kChunk);
+    copy(static_cast<const char*>(src) + begin, static_cast<char*>(dst) + begin, end - begin);
+  });
+}
+
+const char* CpuInstructionSet() { return BestCpuKernels().isa; }
 
 const ParallelFor& SerialFor() {
   static const ParallelFor serial = [](int64_t n, int64_t, const RangeFn& fn) {
@@ -181,17 +194,25 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
   }
 }
 
+// A copy of a per-channel array with the periodic padding the elementwise kernels read.
+template <typename U>
+std::vector<U> Padded(const U* values, int64_t C) {
+  std::vector<U> padded(static_cast<size_t>(C + kParamPadding));
+  for (int64_t j = 0; j < C + kParamPadding; ++j) padded[j] = C > 0 ? values[j % C] : U(0);
+  return padded;
+}
+
 template <typename T, typename U>
 void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
-  const int64_t C = layout.channels, inner = layout.inner;
-  ForEachElementBlock(
-      layout, 2, parallel_for,
-      [&](int64_t r0, int64_t r1) { k.affine_rows(Raw(x), Raw(y), C, r0, r1, hi, lo, a, b); },
-      [&](int64_t run_len, int64_t u0, int64_t u1) {
-        k.affine_units(Raw(x), Raw(y), C, inner, run_len, u0, u1, hi, lo, a, b);
-      });
+  const bool stream = StreamOutput<T>(layout);
+  const int64_t C = layout.channels;
+  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(a, C), pb = Padded(b, C);
+  ForEachPiece(layout, 2, parallel_for, [&](int64_t e0, int64_t e1) {
+    k.affine(Raw(x), Raw(y), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
+             pb.data(), stream);
+  });
 }
 
 template <typename T, typename U>
@@ -220,15 +241,14 @@ template <typename T, typename U>
 void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
-  const int64_t C = layout.channels, inner = layout.inner;
-  ForEachElementBlock(
-      layout, gb ? 3 : 1, parallel_for,
-      [&](int64_t r0, int64_t r1) {
-        k.grad_rows(Raw(dy), Raw(x), Raw(dx), C, r0, r1, hi, lo, ga, gb, gc);
-      },
-      [&](int64_t run_len, int64_t u0, int64_t u1) {
-        k.grad_units(Raw(dy), Raw(x), Raw(dx), C, inner, run_len, u0, u1, hi, lo, ga, gb, gc);
-      });
+  const bool stream = StreamOutput<T>(layout);
+  const int64_t C = layout.channels;
+  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(ga, C);
+  const auto pb = gb ? Padded(gb, C) : std::vector<U>(), pc = gb ? Padded(gc, C) : std::vector<U>();
+  ForEachPiece(layout, gb ? 3 : 1, parallel_for, [&](int64_t e0, int64_t e1) {
+    k.grad(Raw(dy), Raw(x), Raw(dx), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
+           gb ? pb.data() : nullptr, gb ? pc.data() : nullptr, stream);
+  });
 }
 
 template <typename T, typename U>

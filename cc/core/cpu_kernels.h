@@ -18,10 +18,14 @@ struct BFloat16Bits {
   uint16_t bits;
 };
 
-// "Rows" kernels: channels-last (inner == 1), rows [r0, r1) of C channels each.
-// "Planar" kernels: one channel c of an [outer, C, inner] tensor, over its per-channel
-// indices [j0, j1) (j = o * inner + i). Unit kernels: elementwise passes over work units
-// u in [u0, u1), unit u being chunk (u % chunks) of plane (u / chunks), chunks of run_len.
+// Reductions: "rows" kernels add rows [r0, r1) of a channels-last layout (inner == 1) into
+// per-channel sums; "planar" kernels sum one channel c of an [outer, C, inner] tensor
+// over its per-channel indices [j0, j1) (j = o * inner + i).
+// The per-channel parameter arrays of the elementwise kernels (hi, lo, a, b, ga, gb, gc)
+// hold C + kParamPadding entries, entry C + j repeating entry j % C: channels-last blocks
+// then read their parameters with one load even where they wrap into the next row.
+constexpr int64_t kParamPadding = 16;
+
 template <typename T, typename U>
 struct CpuKernels {
   void (*moments_rows)(const T* x, int64_t C, int64_t r0, int64_t r1, const U* shift,
@@ -32,22 +36,22 @@ struct CpuKernels {
                          const U* hi, const U* lo, double* s1, double* s2);
   void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c,
                            int64_t j0, int64_t j1, U hi, U lo, double* s1, double* s2);
+  // Elementwise passes over the flat element range [e0, e1) of an [outer, C, inner]
+  // tensor. stream: write with non-temporal stores (outputs too large to stay cached).
   // y = ((x - hi) - lo) * a + b
-  void (*affine_rows)(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const U* hi,
-                      const U* lo, const U* a, const U* b);
-  void (*affine_units)(const T* x, T* y, int64_t C, int64_t inner, int64_t run_len,
-                       int64_t u0, int64_t u1, const U* hi, const U* lo, const U* a,
-                       const U* b);
+  void (*affine)(const T* x, T* y, int64_t C, int64_t inner, int64_t e0, int64_t e1,
+                 const U* hi, const U* lo, const U* a, const U* b, bool stream);
   // dx = ga * dy + gb * ((x - hi) - lo) + gc; gb == nullptr: dx = ga * dy.
-  void (*grad_rows)(const T* dy, const T* x, T* dx, int64_t C, int64_t r0, int64_t r1,
-                    const U* hi, const U* lo, const U* ga, const U* gb, const U* gc);
-  void (*grad_units)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t run_len,
-                     int64_t u0, int64_t u1, const U* hi, const U* lo, const U* ga, const U* gb,
-                     const U* gc);
+  void (*grad)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t e0,
+               int64_t e1, const U* hi, const U* lo, const U* ga, const U* gb, const U* gc,
+               bool stream);
 };
 
 struct CpuKernelTable {
   const char* isa;
+  // A streaming copy (non-temporal stores, as the kernels write large outputs): the
+  // memory-bandwidth yardstick of the benchmarks.
+  void (*stream_copy)(const void* src, void* dst, int64_t nbytes);
   CpuKernels<HalfBits, float> half;
   CpuKernels<BFloat16Bits, float> bfloat16;
   CpuKernels<float, float> f32;

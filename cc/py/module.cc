@@ -204,21 +204,15 @@ py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
                                   d_batch_variance, axis, epsilon, training, threads);
 }
 
-// Streaming copy of src into dst on `threads` threads: the memory-bandwidth yardstick the
-// benchmarks compare the kernels with (it moves 2 x nbytes).
-void StreamCopy(const py::buffer& src, py::buffer dst, int threads) {
+// Streaming copy of src into dst on `threads` threads, with the kernels' non-temporal
+// stores: the memory-bandwidth yardstick of the benchmarks (it moves 2 x nbytes).
+void StreamCopyBuffers(const py::buffer& src, py::buffer dst, int threads) {
   const py::buffer_info in = src.request(), out = dst.request(true);
   const int64_t nbytes = in.size * in.itemsize;
   if (out.size * out.itemsize != nbytes)
     throw std::invalid_argument("tfbn: stream_copy needs src and dst of the same byte size");
-  const char* from = static_cast<const char*>(in.ptr);
-  char* to = static_cast<char*>(out.ptr);
-  constexpr int64_t kChunk = int64_t{1} << 16;
   py::gil_scoped_release release;
-  ThreadsFor(threads)((nbytes + kChunk - 1) / kChunk, kChunk, [&](int64_t b, int64_t e) {
-    const int64_t begin = b * kChunk, end = std::min(nbytes, e * kChunk);
-    std::memcpy(to + begin, from + begin, static_cast<size_t>(end - begin));
-  });
+  StreamCopy(in.ptr, out.ptr, nbytes, ThreadsFor(threads));
 }
 
 }  // namespace
@@ -238,8 +232,10 @@ PYBIND11_MODULE(_core, m) {
         py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f,
         py::arg("training") = true, py::arg("threads") = 0,
         "Returns (dx, dscale, doffset).");
-  m.def("stream_copy", &tfbn::StreamCopy, py::arg("src"), py::arg("dst"), py::kw_only(),
+  m.def("stream_copy", &tfbn::StreamCopyBuffers, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
+  m.def("cpu_instruction_set", &tfbn::CpuInstructionSet,
+        "The instruction set whose CPU kernels run here: avx512, avx2 or generic.");
   m.attr("cpu_built") = true;
 #if TFBN_WITH_CUDA
   tfbn::RegisterCudaBindings(m);  // cuda_* entry points on device tensors
