@@ -110,10 +110,13 @@ def make_layer(cls, axis, dtype, shape, **kwargs):
 
 
 def layer_case(layout, dtype, split):
+    """dtype float64, float32, or float16 (the mixed_float16 policy: float32 weights)."""
     shape, axis = LAYOUTS[layout]
     rng = np.random.default_rng(2)
     x = rng.normal(-2.0, 3.0, shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
+    if dtype == "float16":
+        dtype = "mixed_float16"
     with STRATEGY.scope():
         layer = make_layer(tfbn.BatchNormalization, axis, dtype, shape, synchronized=True)
 
@@ -234,6 +237,8 @@ def main():
                 results["functional"][key] = functional_case(layout, dtype, split, False)
                 results["layer"][key] = layer_case(layout, dname, split)
             if layout == "NHWC":
+                results["layer"][f"{layout}/float16/uneven"] = layer_case(
+                    layout, "float16", SPLITS["uneven"])
                 results["functional"][f"{layout}/{dname}/uneven/stats_grad"] = functional_case(
                     layout, dtype, SPLITS["uneven"], True)
     results["counts"] = {"tfbn": collective_counts(tfbn.BatchNormalization),
