@@ -89,4 +89,47 @@ void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* s
                        const ForwardArgs& args, T* dx, U* dscale, U* doffset,
                        const ParallelFor& parallel_for);
 
+// ---- Split op family (batch_norm_split.cc): statistics | collective | apply. ----
+// Synchronized BatchNorm runs these with a collective between the statistics and the
+// apply steps, forward and backward; one replica runs the same kernels as the fused op,
+// and for one part gives the same bits.
+
+// Per-channel partial statistics of one slice of the batch, packed as kPartialRows rows
+// of C doubles: count, mean, M2 (sum of squared deviations from the mean). An empty
+// slice gives 0, 0, 0 (it contributes nothing to a merge).
+constexpr int64_t kPartialRows = 3;
+template <typename T>
+void PartialMoments(const Layout& layout, const T* x, double* partial,
+                    const ParallelFor& parallel_for);
+
+// Merges partials [parts][kPartialRows][C] into merged [kPartialRows][C] with Chan's
+// pairwise update, in part order (so every replica merging the same parts gets the same
+// bits). Parts with count 0 are skipped; all empty gives 0, 0, 0.
+void MergeMoments(int64_t parts, int64_t channels, const double* partials, double* merged);
+
+// Merged [count, mean, M2] -> mean split into hi + lo, biased variance; NaN for both
+// where count is 0 (as the fused op's empty batch).
+template <typename U>
+void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_residual,
+                     U* variance);
+
+// y = ((x - mean) - mean_residual) * rsqrt(variance + epsilon) * scale + offset.
+// scale/offset nullptr mean 1/0, mean_residual nullptr means 0.
+template <typename T, typename U>
+void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* offset,
+                     const U* mean, const U* mean_residual, const U* variance, float epsilon,
+                     T* y, const ParallelFor& parallel_for);
+
+// Backward given sums over the whole (global) batch. local_sums [2][C]: GradSums of this
+// slice (sum dy, sum dy * (x - mean)), which give dscale and doffset of this slice.
+// global_sums [global_rows][C], global_rows 2 or 4: the same sums over every slice, and
+// with 4 rows also the summed gradients reaching the batch mean and variance outputs.
+// count [C]: elements per channel in the whole batch.
+template <typename T, typename U>
+void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
+                       const U* mean, const U* mean_residual, const U* variance,
+                       const double* local_sums, const double* global_sums,
+                       int64_t global_rows, const double* count, float epsilon, T* dx,
+                       U* dscale, U* doffset, const ParallelFor& parallel_for);
+
 }  // namespace tfbn

@@ -7,6 +7,7 @@ the Keras layer for serialization.
 from ._library import build_info
 from .ops import batch_norm
 from .layers import BatchNormalization
+from . import distributed
 
 __version__ = "0.1.0"
 __all__ = ["batch_norm", "BatchNormalization", "build_info", "__version__"]

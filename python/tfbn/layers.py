@@ -17,7 +17,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     with `set_weights(keras_bn.get_weights())`. float16/bfloat16 inputs are normalized
     natively (float32 statistics), without up-casting copies. A batch with no elements
     or non-finite statistics leaves the moving statistics of the affected channels
-    unchanged. Options the fused op does not cover yet (renorm, synchronized, mask, rank-1
+    unchanged. `synchronized=True` normalizes with the statistics of the global batch
+    under a tf.distribute strategy (one all-gather forward, one all-reduce backward; see
+    tfbn.distributed). Options the fused op does not cover yet (renorm, mask, rank-1
     inputs) run Keras' own implementation.
     """
 
@@ -30,7 +32,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return (
             mask is None
             and not self.renorm
-            and not self.synchronized
             and isinstance(training, (bool, type(None)))
             and inputs.shape.rank is not None
             and inputs.shape.rank >= 2
@@ -49,7 +50,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         moving_variance = tf.cast(self.moving_variance, dtype)
         if training and self.trainable:
             outputs, mean, variance = batch_norm(
-                inputs, gamma, beta, axis=self.axis, epsilon=self.epsilon, training=True
+                inputs, gamma, beta, axis=self.axis, epsilon=self.epsilon, training=True,
+                synchronized=self.synchronized,
             )
             # Keras' update rule; channels whose batch statistics are not finite (empty
             # batch, inf/nan data) keep their moving statistics.

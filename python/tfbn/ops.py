@@ -63,6 +63,7 @@ def batch_norm(
     axis=-1,
     epsilon=1e-3,
     training=True,
+    synchronized=False,
     name=None,
 ):
     """Fused Batch Normalization over channel `axis` of `x` (rank >= 2).
@@ -73,6 +74,11 @@ def batch_norm(
     Static shapes are checked when the graph is built, dynamic ones when the op runs.
     x is float16, bfloat16, float32 or float64; the other arguments are float32
     (float64 for float64 x).
+
+    `synchronized=True` (training only), called inside `strategy.run` of a
+    tf.distribute strategy with several replicas, normalizes with the statistics of the
+    global batch (all replicas' slices together) and returns those; see
+    `tfbn.distributed`. Elsewhere it is the same as `synchronized=False`.
     """
     with tf.name_scope(name or "tfbn_batch_norm"):
         x = tf.convert_to_tensor(x)
@@ -118,6 +124,14 @@ def batch_norm(
                 raise ValueError(
                     f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
                     f"(x has shape {x.shape}, channel axis {axis}), got length 0"
+                )
+        if training and synchronized:
+            from . import distributed
+
+            ctx = distributed.replica_context()
+            if ctx is not None:
+                return distributed.sync_batch_norm(
+                    x, scale, offset, axis=axis, epsilon=eps, ctx=ctx
                 )
         empty = _empty(dtype)
         scale = empty if scale is None else scale
