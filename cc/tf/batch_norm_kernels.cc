@@ -4,8 +4,8 @@
 #include "core/batch_norm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/platform/threadpool.h"
 #include "tf/batch_norm_op_base.h"
+#include "tf/cpu_parallel.h"
 
 namespace tfbn {
 namespace {
@@ -16,15 +16,6 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
-
-// TensorFlow's intra-op pool; the core's fixed partition keeps results independent of it.
-ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t n, int64_t cost, const RangeFn& fn) {
-    using Params = tensorflow::thread::ThreadPool::SchedulingParams;
-    if (n > 0) pool->ParallelFor(n, Params::Adaptive(cost), fn);
-  };
-}
 
 template <typename T, typename U>
 class BatchNormOp : public BatchNormOpBase {

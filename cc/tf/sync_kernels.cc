@@ -8,7 +8,8 @@
 #include "core/batch_norm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/platform/threadpool.h"
+#include "tf/batch_norm_op_base.h"
+#include "tf/cpu_parallel.h"
 #include "tf/validation.h"
 
 namespace tfbn {
@@ -19,27 +20,6 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
-
-// The same two helpers as batch_norm_kernels.cc (kept apart so the files merge freely).
-ParallelFor PoolFor(OpKernelContext* ctx) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t n, int64_t cost, const RangeFn& fn) {
-    using Params = tensorflow::thread::ThreadPool::SchedulingParams;
-    if (n > 0) pool->ParallelFor(n, Params::Adaptive(cost), fn);
-  };
-}
-
-Layout LayoutOf(const TensorShape& shape, int axis) {
-  Layout layout{1, shape.dim_size(axis), 1};
-  for (int d = 0; d < axis; ++d) layout.outer *= shape.dim_size(d);
-  for (int d = axis + 1; d < shape.dims(); ++d) layout.inner *= shape.dim_size(d);
-  return layout;
-}
-
-template <typename V>
-const V* OrNull(const Tensor& t) {
-  return t.NumElements() == 0 ? nullptr : t.flat<V>().data();
-}
 
 // Attributes and checks shared by the kernels that take x.
 class SplitOpBase : public OpKernel {
@@ -61,7 +41,7 @@ class SplitOpBase : public OpKernel {
                        Layout* layout) const {
     int axis;
     TF_RETURN_IF_ERROR(ResolveAxis(axis_attr_, x.dims(), x.shape().DebugString(), &axis));
-    *layout = LayoutOf(x.shape(), axis);
+    *layout = MakeLayout(x.shape(), axis);
     for (const auto& [index, name, allow_empty] : vectors) {
       const Tensor& v = ctx->input(index);
       TF_RETURN_IF_ERROR(CheckChannelVector(
@@ -97,7 +77,7 @@ class StatsOp : public SplitOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({kPartialRows, layout.channels}),
                                              &partial));
     PartialMoments<T>(layout, x.flat<T>().data(), partial->flat<double>().data(),
-                      PoolFor(ctx));
+                      IntraOpParallelFor(ctx));
   }
 };
 
@@ -144,10 +124,10 @@ class ApplyOp : public SplitOpBase {
                                          {5, "mean_residual", true}}, {}, &layout));
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
-    ApplyStatistics<T, U>(layout, x.flat<T>().data(), OrNull<U>(ctx->input(1)),
-                          OrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
-                          OrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(), epsilon_,
-                          y->flat<T>().data(), PoolFor(ctx));
+    ApplyStatistics<T, U>(layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
+                          DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
+                          DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(), epsilon_,
+                          y->flat<T>().data(), IntraOpParallelFor(ctx));
   }
 };
 
@@ -171,10 +151,10 @@ class GradSumsOp : public SplitOpBase {
     Tensor* sums;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({2, C}), &sums));
     std::vector<U> lo(static_cast<size_t>(C), U(0));
-    if (const U* r = OrNull<U>(ctx->input(3))) std::copy(r, r + C, lo.begin());
+    if (const U* r = DataOrNull<U>(ctx->input(3))) std::copy(r, r + C, lo.begin());
     double* out = sums->flat<double>().data();
     GradSums<T, U>(layout, dy.flat<T>().data(), x.flat<T>().data(),
-                   ctx->input(2).flat<U>().data(), lo.data(), out, out + C, PoolFor(ctx));
+                   ctx->input(2).flat<U>().data(), lo.data(), out, out + C, IntraOpParallelFor(ctx));
   }
 };
 
@@ -200,12 +180,12 @@ class GradApplyOp : public SplitOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
     const Tensor& global = ctx->input(7);
     ApplyGradWithSums<T, U>(
-        layout, dy.flat<T>().data(), x.flat<T>().data(), OrNull<U>(ctx->input(2)),
-        ctx->input(3).flat<U>().data(), OrNull<U>(ctx->input(5)),
+        layout, dy.flat<T>().data(), x.flat<T>().data(), DataOrNull<U>(ctx->input(2)),
+        ctx->input(3).flat<U>().data(), DataOrNull<U>(ctx->input(5)),
         ctx->input(4).flat<U>().data(), ctx->input(6).flat<double>().data(),
         global.flat<double>().data(), global.dim_size(0), ctx->input(8).flat<double>().data(),
         epsilon_, dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
-        PoolFor(ctx));
+        IntraOpParallelFor(ctx));
   }
 };
 
