@@ -56,7 +56,7 @@ def _batched(fn):
 def run(quick=False):
     fns = {name: _batched(fn) for name, fn in _contenders().items()}
     reps = 5 if quick else 20
-    samples = round_robin(fns, reps, reps, budget_s=0.0, warmup=1)
+    samples, _ = round_robin(fns, reps, reps, budget_s=0.0, warmup=1)
     us = {name: 1e6 * statistics.median(s) / CALLS for name, s in samples.items()}
     return {
         "shape": list(SHAPE), "dtype": "float32", "mode": "train_fwd", "calls_per_sample": CALLS,

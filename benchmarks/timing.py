@@ -15,17 +15,19 @@ def median_ms(samples):
     return 1e3 * statistics.median(samples)
 
 
-def stream_copier(nbytes):
-    """A callable copying nbytes with tfbn._core.stream_copy (it moves 2 x nbytes).
+def stream_copiers(nbytes):
+    """Callables copying nbytes with tfbn._core.stream_copy (it moves 2 x nbytes) on one
+    thread and on every core. Both are timed because on a small shared machine starting
+    the copy's threads can cost more than the copy; the faster sets the floor.
 
     Both buffers are written once up front so that page faults are not timed.
     """
     src = np.ones(nbytes, np.uint8)
     dst = np.zeros(nbytes, np.uint8)
-    return lambda: _core.stream_copy(src, dst)
-
-
-FLOOR = "_floor"
+    return {
+        "1 thread": lambda: _core.stream_copy(src, dst, threads=1),
+        "all cores": lambda: _core.stream_copy(src, dst, threads=0),
+    }
 
 
 def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
@@ -33,16 +35,18 @@ def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
     moments spread over all of them instead of landing on one.
 
     The starting callable rotates each round. Stops early (after at least min_reps
-    rounds) once budget_s has passed. With `floor` (the bandwidth yardstick), each round
-    ends with a short pause, so that TensorFlow's idle worker threads stop spinning on the
-    cores, one untimed floor() and one timed floor(), recorded under FLOOR.
-    Returns {name: [seconds, ...]}.
+    rounds) once budget_s has passed. `floor` ({name: callable}, the bandwidth yardstick)
+    ends each round: a short pause, so that TensorFlow's idle worker threads stop spinning
+    on the cores, then per floor callable one untimed and one timed call.
+    Returns ({name: [seconds, ...]}, {floor name: [seconds, ...]}).
     """
     names = list(callables)
+    floor = floor or {}
     for name in names:
         for _ in range(warmup):
             callables[name]()
-    samples = {name: [] for name in names + ([FLOOR] if floor else [])}
+    samples = {name: [] for name in names}
+    floor_samples = {name: [] for name in floor}
     start = time.perf_counter()
     for r in range(reps):
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -52,13 +56,14 @@ def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
             del out
         if floor:
             time.sleep(0.02)
-            floor()
+        for name, copy in floor.items():
+            copy()
             t0 = time.perf_counter()
-            floor()
-            samples[FLOOR].append(time.perf_counter() - t0)
+            copy()
+            floor_samples[name].append(time.perf_counter() - t0)
         if r + 1 >= min_reps and time.perf_counter() - start > budget_s:
             break
-    return samples
+    return samples, floor_samples
 
 
 def memory_stats_available():
