@@ -1,0 +1,160 @@
+"""Tables for the terminal, JSON files and the speedup chart."""
+
+import json
+import os
+
+from contenders import ANCHORS, CONTENDERS
+
+MODE_TITLES = {
+    "train_fwd": "training forward",
+    "train_bwd": "training forward + backward (dx, dscale, doffset)",
+    "infer": "inference",
+}
+
+
+def _shape(rec):
+    return "(" + ",".join(str(d) for d in rec["shape"]) + ")"
+
+
+def _groups(records):
+    groups = {}
+    for rec in records:
+        groups.setdefault((rec["dtype"], rec["mode"]), []).append(rec)
+    return groups
+
+
+def _cell(r, with_speedup):
+    if "ms" not in r:
+        return f"{'n/a':>8s} {'':4s}" + (f" {'':>5s}" if with_speedup else "")
+    flag = "!" if r.get("agrees") is False else " "
+    text = f"{r['ms']:8.2f}{flag}{r['pct_floor']:3.0f}%"
+    if with_speedup:
+        text += f" {r['speedup']:5.2f}" if "speedup" in r else f" {'':5s}"
+    return text
+
+
+def op_table(records):
+    """The timing table: one block per (dtype, mode), one row per shape."""
+    lines, notes = [], {}
+    head = f"{'shape':20s} {'layout':6s} {'GB/s':>5s} |"
+    for name in CONTENDERS:
+        width = 13 + (6 if name != "tfbn" else 0)
+        head += f" {name:>{width}s} |"
+    for (dtype, mode), recs in _groups(records).items():
+        reps = sorted({r["reps"] for r in recs})
+        lines += ["", f"{dtype} - {MODE_TITLES[mode]} - median ms of {'/'.join(map(str, reps))} "
+                      "runs, % of floor, speedup of tfbn (tfbn_layer: vs keras)", head]
+        for rec in recs:
+            row = f"{_shape(rec):20s} {rec['layout']:6s} {rec['floor_gbps']:5.1f} |"
+            for name in CONTENDERS:
+                r = rec["results"][name]
+                row += f" {_cell(r, name != 'tfbn')} |"
+                if "na" in r:
+                    notes.setdefault(f"{name}: {r['na']}", []).append(f"{_shape(rec)} {dtype}")
+                if r.get("agrees") is False:
+                    notes.setdefault(
+                        f"{name}: differs from keras by {r['rel_diff_vs_keras']:.1e} (relative)",
+                        [],
+                    ).append(f"{_shape(rec)} {dtype} {mode}")
+            lines.append(row)
+    if notes:
+        lines += ["", "n/a and disagreements (!):"]
+        for note, where in notes.items():
+            lines.append(f"  {note}  [{len(where)} cases, e.g. {where[0]}]")
+    return "\n".join(lines)
+
+
+def memory_table(records):
+    """Peak memory per call as a multiple of bytes(x), and bytes(x) itself in MiB."""
+    if not any("peak_mb" in r for rec in records for r in rec["results"].values()):
+        return "(peak memory: TensorFlow's CPU allocator statistics are not available)"
+    lines = []
+    for dtype in dict.fromkeys(rec["dtype"] for rec in records):
+        lines += ["", f"{dtype} - peak TF-allocator memory per call, in multiples of bytes(x)",
+                  f"{'shape':20s} {'layout':6s} {'x MiB':>7s} {'mode':9s} |"
+                  + "".join(f" {n:>10s}" for n in CONTENDERS)]
+        for rec in (r for r in records if r["dtype"] == dtype):
+            mib = rec["nbytes"] / 2**20
+            row = f"{_shape(rec):20s} {rec['layout']:6s} {mib:7.1f} {rec['mode']:9s} |"
+            for name in CONTENDERS:
+                r = rec["results"][name]
+                row += f" {r['peak_mb'] / mib:10.2f}" if "peak_mb" in r else f" {'n/a':>10s}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def overhead_table(res):
+    lines = ["", f"Per-call overhead, training forward on {tuple(res['shape'])} float32 "
+                 f"(median of {res['samples']} samples of {res['calls_per_sample']} calls)"]
+    for name, us in res["us_per_call"].items():
+        lines.append(f"  {name:40s} {us:8.1f} us")
+    lines.append(f"  tfbn / FusedBatchNormV3: eager {res['ratio_eager']:.2f} "
+                 f"(raw op {res['ratio_eager_raw_op']:.2f}), "
+                 f"tf.function {res['ratio_tf_function']:.2f}  (< 1: tfbn costs less)")
+    return "\n".join(lines)
+
+
+def e2e_table(res):
+    lines = ["", f"End to end: ResNet-style CNN on sklearn digits, {res['epochs']} epochs, "
+                 f"batch {res['batch_size']}, {res['train_images']} train / "
+                 f"{res['val_images']} validation images"]
+    for name, m in res["models"].items():
+        lines.append(f"  {name:6s} BatchNormalization: {m['images_per_s']:8.0f} images/s "
+                     f"(first epoch {m['first_epoch_s']:.1f} s), "
+                     f"validation accuracy {100 * m['val_accuracy']:.1f}%")
+    lines.append(f"  tfbn / keras throughput: {res['speedup']:.2f}x, accuracy gap "
+                 f"{res['accuracy_gap_points']:+.1f} points")
+    return "\n".join(lines)
+
+
+def write_json(path, meta, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **payload}, f, indent=1)
+        f.write("\n")
+
+
+def speedup_chart(records, path):
+    """Speedup of tfbn over each anchor per shape: rows dtypes, columns modes, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    import numpy as np
+
+    groups = _groups(records)
+    dtypes = list(dict.fromkeys(d for d, _ in groups))
+    modes = list(dict.fromkeys(m for _, m in groups))
+    fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False, sharey=True,
+                             figsize=(5.5 * len(modes), 3.8 * len(dtypes)))
+    width = 0.8 / len(ANCHORS)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(modes):
+            ax, recs = axes[i][j], groups.get((dtype, mode), [])
+            pos = np.arange(len(recs))
+            for k, anchor in enumerate(ANCHORS):
+                vals = [r["results"][anchor].get("speedup", np.nan) for r in recs]
+                # Bars grow from 1x, up where tfbn is faster and down where it is slower.
+                ax.bar(pos + (k - (len(ANCHORS) - 1) / 2) * width, np.array(vals) - 1.0, width,
+                       bottom=1.0, label=anchor)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xticks(pos)
+            ax.set_xticklabels([f"{_shape(r)}\n{r['layout']}" for r in recs], rotation=90,
+                               fontsize=6)
+            ax.set_title(f"{dtype} - {mode}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("speedup of tfbn (x)")
+    speedups = [rec["results"][a]["speedup"] for rec in records for a in ANCHORS
+                if "speedup" in rec["results"][a]]
+    if speedups:  # 0.5x and 2x always show, so that below and above 1 read at a glance
+        axes[0][0].set_ylim(min(0.5, min(speedups) / 1.25), max(2.0, max(speedups) * 1.25))
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("tfbn speedup per shape over each anchor (> 1: tfbn faster; missing: n/a)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""tfbn benchmarks: `python benchmarks/run.py [--quick]` (what `make bench` runs).
+
+Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py) and the end-to-end
+training run (e2e_digits.py) in one process, prints the tables and writes
+benchmarks/results/{op_bench,overhead,e2e_digits}[-quick].json and speedup[-quick].png.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("op", "overhead", "e2e")
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a few shapes, float32 only, few repetitions (under a minute)")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="run only these parts")
+    p.add_argument("--reps", type=int, help="timed runs per case (default 20, quick 5)")
+    p.add_argument("--budget", type=float, default=15.0,
+                   help="seconds per case after which repetitions stop (at least 5 are done)")
+    p.add_argument("--dtypes", nargs="+", help="op benchmark dtypes (default all; quick float32)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    return p.parse_args()
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _meta(args):
+    import keras
+    import tensorflow as tf
+
+    import tfbn
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick, "commit": commit, "tfbn": tfbn.__version__,
+        "tensorflow": tf.__version__, "keras": keras.__version__,
+        "python": platform.python_version(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
+    }
+
+
+def main():
+    args = _args()
+    start = time.perf_counter()
+    import tensorflow as tf
+
+    # Every case traces fresh tf.functions on purpose; TensorFlow's retracing warning is noise.
+    tf.get_logger().setLevel("ERROR")
+    import op_bench
+    import report
+
+    meta = _meta(args)
+    suffix = "-quick" if args.quick else ""
+    out = lambda name: os.path.join(args.out, name + suffix)  # noqa: E731
+    print(f"tfbn benchmarks ({'quick' if args.quick else 'full'}): TensorFlow "
+          f"{meta['tensorflow']}, Keras {meta['keras']}, {meta['cpu']}, {meta['cores']} cores",
+          flush=True)
+
+    if "op" in args.only:
+        dtypes = args.dtypes or (["float32"] if args.quick else list(op_bench.DTYPES))
+        reps = args.reps or (5 if args.quick else 20)
+        print(f"op benchmark: {reps} timed runs per case (fewer after {args.budget:.0f} s, "
+              "at least 5)", flush=True)
+        records = op_bench.run(quick=args.quick, reps=reps, min_reps=min(5, reps),
+                               budget_s=args.budget, dtypes=dtypes)
+        print(report.op_table(records))
+        print(report.memory_table(records))
+        report.write_json(out("op_bench") + ".json", meta, {"records": records})
+        report.speedup_chart(records, out("speedup") + ".png")
+    if "overhead" in args.only:
+        import overhead
+
+        res = overhead.run(quick=args.quick)
+        print(report.overhead_table(res))
+        report.write_json(out("overhead") + ".json", meta, res)
+    if "e2e" in args.only:
+        import e2e_digits
+
+        print("\nend-to-end training ...", flush=True)
+        res = e2e_digits.run(quick=args.quick)
+        print(report.e2e_table(res))
+        report.write_json(out("e2e_digits") + ".json", meta, res)
+    print(f"\nresults in {args.out}; total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
