@@ -2,7 +2,9 @@
 
 Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py) and the end-to-end
 training run (e2e_digits.py) in one process, prints the tables and writes
-benchmarks/results/{op_bench,overhead,e2e_digits}[-quick].json and speedup[-quick].png.
+benchmarks/results/{op_bench,overhead,e2e_digits}[-quick].json and speedup[-quick].png;
+then the distributed benchmark (distributed.py) in a process of its own (it needs logical
+devices set up before TensorFlow starts).
 """
 
 import argparse
@@ -17,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "e2e")
+PARTS = ("op", "overhead", "e2e", "distributed")
 
 
 def _args():
@@ -106,6 +108,11 @@ def main():
         res = e2e_digits.run(quick=args.quick)
         print(report.e2e_table(res))
         report.write_json(out("e2e_digits") + ".json", meta, res)
+    if "distributed" in args.only:
+        print("\ndistributed training (MirroredStrategy, 2 logical CPU devices) ...", flush=True)
+        command = [sys.executable, os.path.join(HERE, "distributed.py"),
+                   "--out", out("distributed") + ".json"] + (["--quick"] if args.quick else [])
+        subprocess.run(command, check=True)
     print(f"\nresults in {args.out}; total {time.perf_counter() - start:.0f} s")
     return 0
 
