@@ -15,10 +15,13 @@ namespace {
 
 // Reductions are split into at most kMaxBlocks blocks of about kBlockElements elements
 // each. The partition depends on the shape only (never on the thread count), which is
-// what makes the statistics bitwise reproducible; kMaxBlocks bounds the workspace to
-// 2 * kMaxBlocks * C doubles.
+// what makes the statistics bitwise reproducible. The partials take 2 * blocks * C
+// doubles: with many channels fewer blocks keep them near kPartialBytes (at least
+// kMinBlocks blocks remain for the threads).
 constexpr int64_t kBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlocks = 64;
+constexpr int64_t kMinBlocks = 8;
+constexpr int64_t kPartialBytes = int64_t{1} << 18;
 // Elementwise passes are cut into pieces of about this many elements for the threads.
 constexpr int64_t kPieceElements = int64_t{1} << 14;
 // Outputs this large are written with non-temporal stores: they would not stay in the
@@ -36,7 +39,10 @@ int64_t NumBlocks(const Layout& layout) {
   // channel) pairs, so there a block is cut per channel and channels add parallelism.
   const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
   const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
-  return std::clamp<int64_t>(wanted, 1, std::min(kMaxBlocks, layout.per_channel()));
+  const int64_t by_partials = std::max(
+      kMinBlocks, kPartialBytes / std::max<int64_t>(1, 16 * layout.channels));
+  return std::clamp<int64_t>(wanted, 1,
+                             std::min({kMaxBlocks, by_partials, layout.per_channel()}));
 }
 
 // Block b of nb over [0, n): a split that depends on (n, nb) only.
@@ -117,14 +123,16 @@ void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& 
       }
     });
   }
-  for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t b = 0; b < nb; ++b) {  // fixed merge order
-      s1 += partial[2 * b * C + c];
-      s2 += partial[(2 * b + 1) * C + c];
+  // Fixed merge order: block 0, 1, ... for every channel (walked row by row in memory).
+  std::fill(out1, out1 + C, 0.0);
+  std::fill(out2, out2 + C, 0.0);
+  for (int64_t b = 0; b < nb; ++b) {
+    const double* p1 = &partial[2 * b * C];
+    const double* p2 = p1 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] += p1[c];
+      out2[c] += p2[c];
     }
-    out1[c] = s1;
-    out2[c] = s2;
   }
 }
 
