@@ -107,3 +107,9 @@ def test_stream_copy():
     np.testing.assert_array_equal(src, dst)
     with pytest.raises(ValueError, match="same byte size"):
         core.stream_copy(src, np.empty(3, np.float32))
+
+
+def test_non_native_byte_order_is_refused():
+    x = np.ones((4, 3), ">f4" if np.little_endian else "<f4")
+    with pytest.raises(ValueError, match="byte order"):
+        core.batch_norm_forward(x)

@@ -131,3 +131,18 @@ def test_gradient_op_rejects_mismatched_dy():
 def test_empty_scale_is_not_taken_as_one():
     with pytest.raises(ValueError, match=r"scale must be a vector of length C = 5 .*got length 0"):
         tfbn.batch_norm(X, np.ones(0, F32))
+
+
+def test_epsilon_that_overflows_float32():
+    with pytest.raises(ValueError, match="epsilon must be positive and finite"):
+        tfbn.batch_norm(X, epsilon=1e39)
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 0, 4), 1), ((4, 0), -1), ((2, 4, 0), -1)])
+def test_zero_channels(shape, axis):
+    x = tf.zeros(shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, mean, var = tfbn.batch_norm(x, axis=axis)
+    assert y.shape == shape and mean.shape == (0,) and var.shape == (0,)
+    assert tape.gradient(y, x).shape == shape

@@ -140,3 +140,16 @@ def test_gradient_far_from_zero_keeps_precision():
     dx_ref, dscale_ref, _ = ref.backward(dy, x, scale)
     assert np.abs(dx.numpy() - dx_ref).max() <= 1e-4
     assert np.abs(dscale.numpy() - dscale_ref).max() <= 1e-2  # sum over 2048 values
+
+
+def test_second_order_gradients_of_an_empty_batch_are_zero():
+    x, scale = tf.zeros([0, 3]), tf.ones([3])
+    with tf.GradientTape() as outer:
+        outer.watch([x, scale])
+        with tf.GradientTape() as inner:
+            inner.watch([x, scale])
+            y, _, _ = tfbn.batch_norm(x, scale)
+            loss = tf.reduce_sum(y)
+        gx, gs = inner.gradient(loss, [x, scale])
+        total = tf.reduce_sum(gs * gs) + tf.reduce_sum(gx)
+    np.testing.assert_array_equal(outer.gradient(total, scale), np.zeros(3))

@@ -214,3 +214,13 @@ def test_large_outputs_written_with_streaming_stores(shape, axis, dtype_name):
     ref.assert_close(y, y_ref, dtype_name, "y")
     dx_ref, _, _ = ref.backward(dy, x, scale, axis=axis)
     ref.assert_close(dx, dx_ref, dtype_name, "dx")
+
+
+@pytest.mark.parametrize("outlier", [1e2, 1e3, 1e5])
+def test_variance_keeps_precision_when_first_sample_is_an_outlier(outlier):
+    x = np.random.default_rng(0).normal(size=(200000, 4)).astype(np.float32)
+    x[0] = outlier
+    _, mean, var = tfbn.batch_norm(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(var, x64.var(0), rtol=2e-6)
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-6, atol=1e-6)

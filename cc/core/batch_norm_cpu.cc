@@ -104,6 +104,7 @@ template <class RowsFn, class PlanarFn>
 void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& planar,
                       double* out1, double* out2, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel();
+  if (C == 0) return;
   const int64_t nb = NumBlocks(layout);
   std::vector<double> partial(static_cast<size_t>(2 * nb * C), 0.0);  // [block][2][C]
   const int64_t block_cost = 2 * std::max<int64_t>(1, layout.size() / nb);
@@ -177,28 +178,40 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
     std::fill(m2, m2 + C, std::numeric_limits<double>::quiet_NaN());
     return;
   }
-  // Shifting by one sample of each channel keeps sum(d^2) - sum(d)^2/m free of
-  // cancellation when the mean is far from zero.
+  // The sums are of d = x - shift. A shift near the mean keeps sum(d^2) - sum(d)^2/m free
+  // of cancellation (the terms are summed in U over short stretches): the first pass
+  // shifts by one sample of each channel; where that sample lies far out (more than
+  // kFarShift standard deviations from the mean) a second pass shifts by the mean found.
   using U = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  constexpr double kFarShift = 8.0;
   std::vector<U> shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<U>(x[c * layout.inner]);
   std::vector<double> s1(static_cast<size_t>(C)), s2(static_cast<size_t>(C));
   const auto& k = Kernels<T, U>();
   const int64_t inner = layout.inner;
-  ReducePerChannel(
-      layout,
-      [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-        k.moments_rows(Raw(x), C, r0, r1, shift.data(), p1, p2);
-      },
-      [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-        k.moments_planar(Raw(x), C, inner, c, j0, j1, shift[c], p1, p2);
-      },
-      s1.data(), s2.data(), parallel_for);
-  for (int64_t c = 0; c < C; ++c) {
-    const double d = s1[c] / static_cast<double>(m);
-    mean[c] = static_cast<double>(shift[c]) + d;
-    const double v = s2[c] - s1[c] * d;
-    m2[c] = v < 0.0 ? 0.0 : v;  // rounding can dip below zero; NaN passes through
+  for (int pass = 0; pass < 2; ++pass) {
+    ReducePerChannel(
+        layout,
+        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+          k.moments_rows(Raw(x), C, r0, r1, shift.data(), p1, p2);
+        },
+        [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
+          k.moments_planar(Raw(x), C, inner, c, j0, j1, shift[c], p1, p2);
+        },
+        s1.data(), s2.data(), parallel_for);
+    bool far = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = s1[c] / static_cast<double>(m);
+      mean[c] = static_cast<double>(shift[c]) + d;
+      const double v = s2[c] - s1[c] * d;
+      m2[c] = v < 0.0 ? 0.0 : v;  // rounding can dip below zero; NaN passes through
+      if (d * d > kFarShift * kFarShift * (m2[c] / static_cast<double>(m)) &&
+          std::isfinite(mean[c])) {
+        far = true;
+        shift[c] = static_cast<U>(mean[c]);
+      }
+    }
+    if (!far) break;
   }
 }
 

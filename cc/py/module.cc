@@ -45,6 +45,10 @@ enum class Kind { kHalf, kBFloat16, kFloat, kDouble };
 
 Kind KindOf(const py::array& a, const char* name) {
   const py::dtype dt = a.dtype();
+  if (!py::cast<bool>(dt.attr("isnative")))
+    throw std::invalid_argument(std::string("tfbn: ") + name +
+                                " must be in the machine's byte order, got dtype " +
+                                std::string(py::str(dt)));
   const std::string dname = py::str(dt.attr("name"));
   if (dname == "float16") return Kind::kHalf;
   if (dname == "bfloat16") return Kind::kBFloat16;

@@ -44,10 +44,12 @@ def merge_moments(partials, dtype=tf.float32):
 
 
 def _nonzero(grad):
-    """None for a gradient that is absent or statically zero (what tf.custom_gradient
-    passes for outputs that were not used), so the all-reduce then packs 2 rows, not 4."""
-    if grad is None:
-        return None
+    """None for a gradient that is absent or, in a graph, statically zero (what
+    tf.custom_gradient passes for outputs that were not used), so the all-reduce then packs
+    2 rows, not 4. Eagerly every value is "static": deciding on it could pack different
+    shapes on different replicas, so there only None counts as absent."""
+    if grad is None or tf.executing_eagerly():
+        return grad
     value = tf.get_static_value(grad)
     if value is not None and not value.any():
         return None

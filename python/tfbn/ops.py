@@ -33,10 +33,13 @@ def _check_epsilon(epsilon):
         eps = float(epsilon)
     except (TypeError, ValueError):
         raise TypeError(f"tfbn.batch_norm: epsilon must be a number, got epsilon={epsilon!r}")
-    # The op keeps epsilon as a float32 attribute: it must stay positive there too.
-    if not (math.isfinite(eps) and eps > 0 and np.float32(eps) > 0):
+    # The op keeps epsilon as a float32 attribute: it must stay positive and finite there.
+    with np.errstate(over="ignore", under="ignore"):
+        eps32 = np.float32(eps) if math.isfinite(eps) else np.float32("nan")
+    if not (eps > 0 and np.isfinite(eps32) and eps32 > 0):
         raise ValueError(
-            f"tfbn.batch_norm: epsilon must be positive and finite, got epsilon={epsilon!r}"
+            f"tfbn.batch_norm: epsilon must be positive and finite, got epsilon={epsilon!r} "
+            f"(it is kept as a float32)"
         )
     return eps
 
@@ -51,6 +54,23 @@ def _check_param(value, name, x, dtype):
             f"got {name} of dtype {value.dtype.name}"
         )
     return value
+
+
+def _require_channels(given, label, x, axis, channels):
+    """The op reads an empty scale as 1 and offset as 0, so a user's vector must have C
+    entries. This is checked where the lengths are static. (A run-time check in the graph
+    did not survive TensorFlow's graph optimizer: both an assertion and a reshape to [C]
+    were removed, so a vector whose length is only known at run time and turns out to be
+    0 is still read as 1 or 0.)"""
+    if given is None:
+        return None
+    length = given.shape[0] if given.shape.rank == 1 else None
+    if length == 0 and channels:
+        raise ValueError(
+            f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
+            f"(x has shape {x.shape}, channel axis {axis}), got length 0"
+        )
+    return given
 
 
 def batch_norm(
@@ -118,13 +138,8 @@ def batch_norm(
                 f"(shape {x.shape})"
             )
         channels = x.shape[axis] if rank is not None else None
-        for given, label in ((scale, "scale"), (offset, "offset")):
-            # The op reads an empty scale as 1 and offset as 0: refuse a user's empty one.
-            if given is not None and given.shape.rank == 1 and given.shape[0] == 0 and channels:
-                raise ValueError(
-                    f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
-                    f"(x has shape {x.shape}, channel axis {axis}), got length 0"
-                )
+        scale = _require_channels(scale, "scale", x, axis, channels)
+        offset = _require_channels(offset, "offset", x, axis, channels)
         if training and synchronized:
             from . import distributed
 
@@ -216,6 +231,8 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
         mean = tf.reduce_mean(x3, axis=[0, 2])
         variance = tf.reduce_mean(tf.square(x3 - col(mean)), axis=[0, 2])
     r = tf.math.rsqrt(variance + eps)
+    if training:  # an empty batch has NaN statistics; its gradients are zero, as the op's
+        r = tf.where(tf.size(x3) > 0, r, tf.zeros_like(r))
     sr = r if scale is None else scale * r
     xc = x3 - col(mean)
     xhat = xc * col(r)
