@@ -129,8 +129,23 @@ def test_gradient_op_rejects_mismatched_dy():
 
 
 def test_empty_scale_is_not_taken_as_one():
-    with pytest.raises(ValueError, match=r"scale must be a vector of length C = 5 .*got length 0"):
+    pattern = r"scale must be a vector of length C = 5 .*got length 0"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
         tfbn.batch_norm(X, np.ones(0, F32))
+    with pytest.raises(ValueError, match=pattern):  # graph construction: the shape function
+        tf.function(lambda x, s: tfbn.batch_norm(x, s)[0])(X, np.ones(0, F32))
+
+
+def test_empty_scale_with_a_length_known_only_at_run_time():
+    @tf.function(input_signature=[tf.TensorSpec([None, 3]), tf.TensorSpec([None])])
+    def f(x, s):
+        return tfbn.batch_norm(x, s)[0]
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"scale must be a vector of length C = 3 .*got length 0"):
+        f(tf.ones([4, 3]), tf.zeros([0]))
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_allclose(f(x, 2 * tf.ones([3])), 2 * f(x, tf.ones([3])), rtol=1e-6)
 
 
 def test_epsilon_that_overflows_float32():

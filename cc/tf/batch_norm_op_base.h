@@ -37,6 +37,10 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
     OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
+    // The forward op says whether scale/offset were given: only a missing one may be empty.
+    if (ctx->HasAttr("has_scale")) OP_REQUIRES_OK(ctx, ctx->GetAttr("has_scale", &has_scale_));
+    if (ctx->HasAttr("has_offset"))
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("has_offset", &has_offset_));
   }
 
  protected:
@@ -63,7 +67,8 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
     const bool training = args_.training;
     return Prepare(ctx, ctx->input(0),
-                   {{1, true}, {2, true}, {3, training}, {4, training}}, kNames, layout);
+                   {{1, !has_scale_}, {2, !has_offset_}, {3, training}, {4, training}}, kNames,
+                   layout);
   }
 
   // The gradient's checks (dy and x of one shape); returns the layout of x.
@@ -83,6 +88,8 @@ class BatchNormOpBase : public tensorflow::OpKernel {
 
   ForwardArgs args_;
   int axis_attr_;
+  bool has_scale_ = false;
+  bool has_offset_ = false;
 };
 
 }  // namespace tfbn

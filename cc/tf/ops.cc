@@ -62,8 +62,11 @@ absl::Status ForwardShape(InferenceContext* c) {
   int axis;
   DimensionHandle channels;
   TF_RETURN_IF_ERROR(ChannelDim(c, x, &axis, &channels));
-  TF_RETURN_IF_ERROR(MergeChannelVector(c, 1, "scale", true, axis, x, &channels));
-  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "offset", true, axis, x, &channels));
+  bool has_scale, has_offset;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_scale", &has_scale));
+  TF_RETURN_IF_ERROR(c->GetAttr("has_offset", &has_offset));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 1, "scale", !has_scale, axis, x, &channels));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "offset", !has_offset, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 3, "mean", training, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 4, "variance", training, axis, x, &channels));
   c->set_output(0, x);
@@ -98,8 +101,8 @@ absl::Status BackwardShape(InferenceContext* c) {
 
 REGISTER_OP("TfbnBatchNorm")
     .Input("x: T")
-    .Input("scale: U")     // empty means 1
-    .Input("offset: U")    // empty means 0
+    .Input("scale: U")     // empty means 1 where has_scale is false
+    .Input("offset: U")    // empty means 0 where has_offset is false
     .Input("mean: U")      // inference statistics; empty (or ignored) in training
     .Input("variance: U")
     .Output("y: T")
@@ -111,6 +114,8 @@ REGISTER_OP("TfbnBatchNorm")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
     .Attr("is_training: bool = true")
+    .Attr("has_scale: bool = false")   // true: scale must have C entries
+    .Attr("has_offset: bool = false")  // true: offset must have C entries
     .SetShapeFn(ForwardShape)
     .Doc("Fused Batch Normalization over any channel axis of an input of rank >= 2.");
 

@@ -56,23 +56,6 @@ def _check_param(value, name, x, dtype):
     return value
 
 
-def _require_channels(given, label, x, axis, channels):
-    """The op reads an empty scale as 1 and offset as 0, so a user's vector must have C
-    entries. This is checked where the lengths are static. (A run-time check in the graph
-    did not survive TensorFlow's graph optimizer: both an assertion and a reshape to [C]
-    were removed, so a vector whose length is only known at run time and turns out to be
-    0 is still read as 1 or 0.)"""
-    if given is None:
-        return None
-    length = given.shape[0] if given.shape.rank == 1 else None
-    if length == 0 and channels:
-        raise ValueError(
-            f"tfbn.batch_norm: {label} must be a vector of length C = {channels} "
-            f"(x has shape {x.shape}, channel axis {axis}), got length 0"
-        )
-    return given
-
-
 def batch_norm(
     x,
     scale=None,
@@ -137,9 +120,6 @@ def batch_norm(
                 f"tfbn.batch_norm: axis={axis} is out of range for x of rank {rank} "
                 f"(shape {x.shape})"
             )
-        channels = x.shape[axis] if rank is not None else None
-        scale = _require_channels(scale, "scale", x, axis, channels)
-        offset = _require_channels(offset, "offset", x, axis, channels)
         if training and synchronized:
             from . import distributed
 
@@ -148,13 +128,17 @@ def batch_norm(
                 return distributed.sync_batch_norm(
                     x, scale, offset, axis=axis, epsilon=eps, ctx=ctx
                 )
+        # A missing scale/offset goes to the op as an empty vector (read as 1/0); a given
+        # one must have C entries (has_scale/has_offset tell the op which is which).
+        has_scale, has_offset = scale is not None, offset is not None
         empty = _empty(dtype)
         scale = empty if scale is None else scale
         offset = empty if offset is None else offset
         if training:  # the op ignores given statistics in training
             mean = variance = empty
         y, batch_mean, batch_variance, _ = _ops.tfbn_batch_norm(
-            x, scale, offset, mean, variance, epsilon=eps, axis=axis, is_training=training
+            x, scale, offset, mean, variance, epsilon=eps, axis=axis, is_training=training,
+            has_scale=has_scale, has_offset=has_offset,
         )
         return y, batch_mean, batch_variance
 
@@ -176,9 +160,9 @@ def _present(v):
 def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     x, scale, offset, mean, variance = op.inputs
     attrs = _attrs(op)
-    # An empty scale/offset stood for 1/0: it gets no gradient.
-    keep_dscale = _present(scale) is not None
-    keep_doffset = _present(offset) is not None
+    # A missing scale/offset (an empty one standing for 1/0) gets no gradient.
+    keep_dscale = op.get_attr("has_scale")
+    keep_doffset = op.get_attr("has_offset")
     dy = _zeros_if_none(dy, x)
     empty = _empty(scale.dtype)
     if attrs["is_training"]:
