@@ -25,6 +25,13 @@ const U* DataOrNull(const tensorflow::Tensor& t) {
   return t.NumElements() == 0 ? nullptr : t.flat<U>().data();
 }
 
+// dy must have x's shape (the gradient ops).
+inline absl::Status CheckSameShape(const tensorflow::Tensor& dy, const tensorflow::Tensor& x) {
+  if (dy.shape() == x.shape()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("tfbn: dy has shape ", dy.shape().DebugString(),
+                                                 " but x has shape ", x.shape().DebugString()));
+}
+
 // Shared attributes and checks of both ops, on every device.
 class BatchNormOpBase : public tensorflow::OpKernel {
  public:
@@ -75,11 +82,7 @@ class BatchNormOpBase : public tensorflow::OpKernel {
   absl::Status PrepareBackward(tensorflow::OpKernelContext* ctx, Layout* layout) const {
     const tensorflow::Tensor& dy = ctx->input(0);
     const tensorflow::Tensor& x = ctx->input(1);
-    if (dy.shape() != x.shape())
-      return absl::InvalidArgumentError(absl::StrCat("tfbn: dy has shape ",
-                                                     dy.shape().DebugString(),
-                                                     " but x has shape ",
-                                                     x.shape().DebugString()));
+    TF_RETURN_IF_ERROR(CheckSameShape(dy, x));
     static const char* const kNames[] = {"scale",   "mean",         "variance",
                                          "reserve", "d_batch_mean", "d_batch_variance"};
     return Prepare(ctx, x, {{2, true}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}},

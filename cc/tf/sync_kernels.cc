@@ -131,12 +131,6 @@ class ApplyOp : public SplitOpBase {
   }
 };
 
-absl::Status SameShape(const Tensor& dy, const Tensor& x) {
-  if (dy.shape() == x.shape()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("tfbn: dy has shape ", dy.shape().DebugString(),
-                                                 " but x has shape ", x.shape().DebugString()));
-}
-
 template <typename T, typename U>
 class GradSumsOp : public SplitOpBase {
  public:
@@ -144,7 +138,7 @@ class GradSumsOp : public SplitOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
-    OP_REQUIRES_OK(ctx, SameShape(dy, x));
+    OP_REQUIRES_OK(ctx, CheckSameShape(dy, x));
     Layout layout;
     OP_REQUIRES_OK(ctx, Prepare(ctx, x, {{2, "mean", false}, {3, "mean_residual", true}}, {}, &layout));
     const int64_t C = layout.channels;
@@ -165,7 +159,7 @@ class GradApplyOp : public SplitOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
-    OP_REQUIRES_OK(ctx, SameShape(dy, x));
+    OP_REQUIRES_OK(ctx, CheckSameShape(dy, x));
     Layout layout;
     OP_REQUIRES_OK(ctx, Prepare(ctx, x, {{2, "scale", true},
                                          {3, "mean", false},
