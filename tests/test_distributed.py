@@ -45,8 +45,11 @@ def probe(devices):
 
 # ---- The split ops in this process (no strategy needed). ----
 
+_NO_WEIGHTS = tf.zeros([0])  # the ops' weights input, empty: every element weighs 1
+
+
 def split_forward(parts, axis, dtype):
-    partials = tf.stack([_ops.tfbn_batch_norm_stats(p, axis=axis) for p in parts])
+    partials = tf.stack([_ops.tfbn_batch_norm_stats(p, _NO_WEIGHTS, axis=axis) for p in parts])
     return tfbn.distributed.merge_moments(partials, dtype)
 
 
@@ -69,7 +72,7 @@ def test_merged_statistics_do_not_depend_on_the_split(shape, axis, dtype):
 
 def test_partials_of_an_empty_slice_are_zero_and_merge_to_nan():
     empty = tf.zeros([0, 3])
-    np.testing.assert_array_equal(_ops.tfbn_batch_norm_stats(empty), np.zeros((3, 3)))
+    np.testing.assert_array_equal(_ops.tfbn_batch_norm_stats(empty, _NO_WEIGHTS), np.zeros((3, 3)))
     mean, var, residual, count = split_forward([empty, empty], -1, tf.float32)
     assert np.all(np.isnan(mean)) and np.all(np.isnan(var)) and np.all(count.numpy() == 0)
 
@@ -91,7 +94,7 @@ def test_split_ops_match_the_fused_op_on_one_slice():
     reference.assert_close(y2, y, "float32", "y")
     sums = _ops.tfbn_batch_norm_grad_sums(dy, x, m2, r2)
     dx2, dscale2, doffset2 = _ops.tfbn_batch_norm_grad_apply(dy, x, scale, m2, v2, r2, sums,
-                                                             sums, count)
+                                                             sums, count, _NO_WEIGHTS)
     for a, b in ((dx, dx2), (dscale, dscale2), (doffset, doffset2)):
         assert a.numpy().tobytes() == b.numpy().tobytes()
 
@@ -103,7 +106,8 @@ def test_split_ops_check_their_arguments():
     m = tf.zeros([3])
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="global_sums"):
         _ops.tfbn_batch_norm_grad_apply(x, x, m, m, m, m, tf.zeros([2, 3], tf.float64),
-                                        tf.zeros([3, 3], tf.float64), tf.zeros([3], tf.float64))
+                                        tf.zeros([3, 3], tf.float64), tf.zeros([3], tf.float64),
+                                        _NO_WEIGHTS)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="mean"):
         _ops.tfbn_batch_norm_apply(x, m, m, tf.zeros([2]), m, m)
 

@@ -132,4 +132,26 @@ void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* s
                        int64_t global_rows, const double* count, float epsilon, T* dx,
                        U* dscale, U* doffset, const ParallelFor& parallel_for);
 
+// ---- Weighted split pieces (batch_norm_weighted.cc): masks. ----
+// weights holds one value per (outer, inner) position, [outer * inner] in that order,
+// shared by all channels (Keras' mask of rank - 1 for channels-last x); finite, >= 0.
+
+// PartialMoments with weights: rows sum of weights W, weighted mean, M2 = sum w*(x-mean)^2.
+// Positions of weight 0 are skipped (their values, NaN included, never reach the sums);
+// all weights 0 gives 0, 0, 0.
+template <typename T>
+void WeightedPartialMoments(const Layout& layout, const T* x, const float* weights,
+                            double* partial, const ParallelFor& parallel_for);
+
+// ApplyGradWithSums for weighted statistics: count holds the merged weight sum W, and
+// every term that comes from the statistics' dependence on x is scaled by the element's
+// weight: dx = s*r*(dy - w*S1/W - w*xhat*S2/W) + w*d_mean/W + 2*w*d_var*(x - mean)/W.
+template <typename T, typename U>
+void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
+                               const U* mean, const U* mean_residual, const U* variance,
+                               const double* local_sums, const double* global_sums,
+                               int64_t global_rows, const double* count, const float* weights,
+                               float epsilon, T* dx, U* dscale, U* doffset,
+                               const ParallelFor& parallel_for);
+
 }  // namespace tfbn

@@ -2,6 +2,7 @@
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "tf/batch_norm_op_base.h"
 #include "tf/cpu_parallel.h"
 #include "tf/validation.h"
+#include "tf/weights.h"
 
 namespace tfbn {
 namespace {
@@ -61,6 +63,30 @@ class SplitOpBase : public OpKernel {
     return absl::OkStatus();
   }
 
+  // The weights input `index` for x (see weights.h): nullptr for the empty form (every
+  // element weighs 1), else its data, checked finite and non-negative.
+  absl::Status Weights(OpKernelContext* ctx, int index, const Tensor& x,
+                       const float** weights) const {
+    int axis;
+    TF_RETURN_IF_ERROR(ResolveAxis(axis_attr_, x.dims(), x.shape().DebugString(), &axis));
+    const Tensor& w = ctx->input(index);
+    std::vector<int64_t> x_dims, w_dims;
+    for (int d = 0; d < x.dims(); ++d) x_dims.push_back(x.dim_size(d));
+    for (int d = 0; d < w.dims(); ++d) w_dims.push_back(w.dim_size(d));
+    bool weighted;
+    TF_RETURN_IF_ERROR(CheckWeightsShape(x_dims, axis, w.dims(), w_dims, &weighted));
+    *weights = nullptr;
+    if (!weighted) return absl::OkStatus();
+    const auto v = w.flat<float>();
+    for (int64_t k = 0; k < v.size(); ++k)  // one value per position: cheap next to x
+      if (!(v(k) >= 0.0f && v(k) <= std::numeric_limits<float>::max()))
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tfbn: weights must be finite and non-negative, got weights[", k, "] = ", v(k),
+            " (flat index)"));
+    *weights = v.data();
+    return absl::OkStatus();
+  }
+
   int axis_attr_ = -1;
   float epsilon_ = 1e-3f;
 };
@@ -73,11 +99,17 @@ class StatsOp : public SplitOpBase {
     const Tensor& x = ctx->input(0);
     Layout layout;
     OP_REQUIRES_OK(ctx, Prepare(ctx, x, {}, {}, &layout));
+    const float* weights;
+    OP_REQUIRES_OK(ctx, Weights(ctx, 1, x, &weights));
     Tensor* partial;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({kPartialRows, layout.channels}),
                                              &partial));
-    PartialMoments<T>(layout, x.flat<T>().data(), partial->flat<double>().data(),
-                      IntraOpParallelFor(ctx));
+    if (weights)
+      WeightedPartialMoments<T>(layout, x.flat<T>().data(), weights,
+                                partial->flat<double>().data(), IntraOpParallelFor(ctx));
+    else
+      PartialMoments<T>(layout, x.flat<T>().data(), partial->flat<double>().data(),
+                        IntraOpParallelFor(ctx));
   }
 };
 
@@ -167,19 +199,34 @@ class GradApplyOp : public SplitOpBase {
                                          {5, "mean_residual", true},
                                          {8, "count", false}},
                                 {{6, 2}, {7, 0}}, &layout));
+    const float* weights;
+    OP_REQUIRES_OK(ctx, Weights(ctx, 9, x, &weights));
     Tensor *dx, *dscale, *doffset;
     const TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
     const Tensor& global = ctx->input(7);
-    ApplyGradWithSums<T, U>(
-        layout, dy.flat<T>().data(), x.flat<T>().data(), DataOrNull<U>(ctx->input(2)),
-        ctx->input(3).flat<U>().data(), DataOrNull<U>(ctx->input(5)),
-        ctx->input(4).flat<U>().data(), ctx->input(6).flat<double>().data(),
-        global.flat<double>().data(), global.dim_size(0), ctx->input(8).flat<double>().data(),
-        epsilon_, dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
-        IntraOpParallelFor(ctx));
+    const T* dy_data = dy.flat<T>().data();
+    const T* x_data = x.flat<T>().data();
+    const U* scale = DataOrNull<U>(ctx->input(2));
+    const U* mean = ctx->input(3).flat<U>().data();
+    const U* variance = ctx->input(4).flat<U>().data();
+    const U* residual = DataOrNull<U>(ctx->input(5));
+    const double* local = ctx->input(6).flat<double>().data();
+    const double* count = ctx->input(8).flat<double>().data();
+    if (weights)
+      WeightedApplyGradWithSums<T, U>(
+          layout, dy_data, x_data, scale, mean, residual, variance, local,
+          global.flat<double>().data(), global.dim_size(0), count, weights, epsilon_,
+          dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
+          IntraOpParallelFor(ctx));
+    else
+      ApplyGradWithSums<T, U>(
+          layout, dy_data, x_data, scale, mean, residual, variance, local,
+          global.flat<double>().data(), global.dim_size(0), count, epsilon_,
+          dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
+          IntraOpParallelFor(ctx));
   }
 };
 

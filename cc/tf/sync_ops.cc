@@ -5,6 +5,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tf/validation.h"
+#include "tf/weights.h"
 
 namespace tfbn {
 namespace {
@@ -74,10 +75,23 @@ absl::Status Matrix(InferenceContext* c, int index, const char* name,
   return absl::OkStatus();
 }
 
+// The weights input (see weights.h), checked where x's rank and axis are known.
+absl::Status Weights(InferenceContext* c, int index, ShapeHandle x, int axis) {
+  ShapeHandle w = c->input(index);
+  if (!c->RankKnown(x)) return absl::OkStatus();
+  std::vector<int64_t> x_dims, w_dims;
+  for (int d = 0; d < c->Rank(x); ++d) x_dims.push_back(c->Value(c->Dim(x, d)));
+  const int w_rank = c->RankKnown(w) ? c->Rank(w) : -1;
+  for (int d = 0; d < w_rank; ++d) w_dims.push_back(c->Value(c->Dim(w, d)));
+  bool weighted;
+  return CheckWeightsShape(x_dims, axis, w_rank, w_dims, &weighted);
+}
+
 absl::Status StatsShape(InferenceContext* c) {
   int axis;
   DimensionHandle ch;
   TF_RETURN_IF_ERROR(Channels(c, c->input(0), &axis, &ch));
+  TF_RETURN_IF_ERROR(Weights(c, 1, c->input(0), axis));
   c->set_output(0, c->Matrix(kRows, ch));
   return absl::OkStatus();
 }
@@ -152,6 +166,7 @@ absl::Status GradApplyShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(Matrix(c, 6, "local_sums", {2}, &ch));
   TF_RETURN_IF_ERROR(Matrix(c, 7, "global_sums", {2, 4}, &ch));
   TF_RETURN_IF_ERROR(Vector(c, 8, "count", false, axis, x, &ch));
+  TF_RETURN_IF_ERROR(Weights(c, 9, x, axis));
   c->set_output(0, x);
   c->set_output(1, c->Vector(ch));
   c->set_output(2, c->Vector(ch));
@@ -162,11 +177,16 @@ absl::Status GradApplyShape(InferenceContext* c) {
 
 REGISTER_OP("TfbnBatchNormStats")
     .Input("x: T")
-    .Output("partial: double")  // [3, C]: count, mean, M2 of this slice; empty: 0, 0, 0
+    // Empty [0]: every element weighs 1. Else x's shape without the channel axis: one
+    // weight per position, shared by all channels (a Keras mask); finite and >= 0.
+    .Input("weights: float")
+    .Output("partial: double")  // [3, C]: weight sum (count), mean, M2 of this slice
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("axis: int = -1")
     .SetShapeFn(StatsShape)
-    .Doc("Per-channel partial statistics (count, mean, M2) of x, for a later merge.");
+    .Doc("Per-channel partial statistics (count, mean, M2) of x, for a later merge; with "
+         "weights: sum of weights, weighted mean, M2 = sum w * (x - mean)^2. A slice "
+         "with no weight gives 0, 0, 0.");
 
 REGISTER_OP("TfbnBatchNormMergeStats")
     .Input("partials: double")  // [parts, 3, C] or [3 * parts, C]
@@ -214,7 +234,8 @@ REGISTER_OP("TfbnBatchNormGradApply")
     .Input("mean_residual: U")  // empty means 0
     .Input("local_sums: double")   // [2, C]: TfbnBatchNormGradSums of this slice
     .Input("global_sums: double")  // [2 or 4, C]: summed over all slices (+ d_mean, d_var)
-    .Input("count: double")        // [C]: elements per channel in the whole batch
+    .Input("count: double")        // [C]: elements (weight sum) per channel, whole batch
+    .Input("weights: float")       // as TfbnBatchNormStats' weights (empty [0]: all 1)
     .Output("dx: T")
     .Output("dscale: U")   // of this slice
     .Output("doffset: U")  // of this slice
@@ -223,6 +244,8 @@ REGISTER_OP("TfbnBatchNormGradApply")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
     .SetShapeFn(GradApplyShape)
-    .Doc("Training gradient of BatchNorm from sums over the whole batch.");
+    .Doc("Training gradient of BatchNorm from sums over the whole batch. With weights, "
+         "every term that comes from the statistics' dependence on x is scaled by the "
+         "element's weight.");
 
 }  // namespace tfbn

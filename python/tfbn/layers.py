@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from .ops import batch_norm, param_dtype
+from . import distributed, split
+from .ops import _check_epsilon, batch_norm, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -19,8 +20,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
     or non-finite statistics leaves the moving statistics of the affected channels
     unchanged. `synchronized=True` normalizes with the statistics of the global batch
     under a tf.distribute strategy (one all-gather forward, one all-reduce backward; see
-    tfbn.distributed). Options the fused op does not cover yet (renorm, mask, rank-1
-    inputs) run Keras' own implementation.
+    tfbn.distributed).
+
+    `renorm=True` and a `mask` in training run on the split kernels (tfbn.split), with
+    Keras' semantics: renorm's (r, d) correction, clipping, `renorm_momentum` and the
+    moving_stddev / renorm_mean / renorm_stddev variables as Keras updates them; the mask
+    (rank - 1, broadcast over the channels, nonzero = counted) weights the statistics and
+    every element is normalized with them. Differences from Keras: the masked mean is
+    sum / count exactly (Keras divides by count + 1e-7); a batch with no unmasked element
+    is normalized as Keras does (mean 0, variance 0) but leaves the moving statistics
+    unchanged; with `synchronized=True` masked statistics are those of the global batch
+    (Keras' masked path uses each replica's own). Masks with a channel axis other than
+    the last (where Keras' mask broadcast gives every channel its own weights), a
+    tensor-valued `training` and rank-1 inputs run Keras' own implementation.
     """
 
     def __init__(self, *args, **kwargs):
@@ -29,16 +41,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.supports_jit = False
 
     def _fused_applies(self, inputs, training, mask):
-        return (
-            mask is None
-            and not self.renorm
-            and isinstance(training, (bool, type(None)))
-            and inputs.shape.rank is not None
-            and inputs.shape.rank >= 2
-        )
+        rank = inputs.shape.rank
+        if not (isinstance(training, (bool, type(None))) and rank is not None and rank >= 2):
+            return False
+        # Keras broadcasts the mask against the last axis: with channels elsewhere every
+        # channel gets its own weights, which the statistics kernel does not take.
+        masked = mask is not None and training and self.trainable
+        return not masked or self.axis in (-1, rank - 1)
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the inputs. "
+                f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
         if not self._fused_applies(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
         if inputs.dtype not in _FUSED_DTYPES:
@@ -48,7 +65,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         beta = tf.cast(self.beta, dtype) if self.center else None
         moving_mean = tf.cast(self.moving_mean, dtype)
         moving_variance = tf.cast(self.moving_variance, dtype)
-        if training and self.trainable:
+        if training and self.trainable and (self.renorm or mask is not None):
+            outputs = self._split_call(inputs, gamma, beta, mask, dtype)
+        elif training and self.trainable:
             outputs, mean, variance = batch_norm(
                 inputs, gamma, beta, axis=self.axis, epsilon=self.epsilon, training=True,
                 synchronized=self.synchronized,
@@ -58,12 +77,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             ok = tf.math.is_finite(mean) & tf.math.is_finite(variance)
             new_mean = moving_mean * self.momentum + mean * (1.0 - self.momentum)
             new_variance = moving_variance * self.momentum + variance * (1.0 - self.momentum)
-            self.moving_mean.assign(
-                tf.cast(tf.where(ok, new_mean, moving_mean), self.moving_mean.dtype)
-            )
-            self.moving_variance.assign(
-                tf.cast(tf.where(ok, new_variance, moving_variance), self.moving_variance.dtype)
-            )
+            self._assign_where(ok, self.moving_mean, new_mean, moving_mean)
+            self._assign_where(ok, self.moving_variance, new_variance, moving_variance)
         else:
             outputs, _, _ = batch_norm(
                 inputs,
@@ -76,3 +91,53 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 training=False,
             )
         return tf.cast(outputs, self.compute_dtype)
+
+    @staticmethod
+    def _assign_where(ok, variable, new, old):
+        variable.assign(tf.cast(tf.where(ok, new, old), variable.dtype))
+
+    def _split_call(self, inputs, gamma, beta, mask, dtype):
+        """Training with renorm and/or a mask on the split kernels (tfbn.split)."""
+        eps = _check_epsilon(self.epsilon)
+        weights = None
+        if mask is not None:  # Keras: nonzero counts, broadcast over the channels
+            mask = tf.cast(tf.convert_to_tensor(mask), tf.bool)
+            weights = tf.cast(tf.broadcast_to(mask, tf.shape(inputs)[:-1]), tf.float32)
+        correction = None
+        if self.renorm:
+            renorm_mean = tf.cast(self.renorm_mean, dtype)
+            renorm_stddev = tf.cast(self.renorm_stddev, dtype)
+            correction = split.renorm_correction(
+                renorm_mean, renorm_stddev, epsilon=self.epsilon,
+                clipping=self.renorm_clipping,
+            )
+        ctx = distributed.replica_context() if self.synchronized else None
+        outputs, mean, variance = split.split_batch_norm(
+            inputs, gamma, beta, axis=self.axis, epsilon=eps, ctx=ctx, weights=weights,
+            correction=correction,
+        )
+        # Channels whose statistics are not finite (no element or no weight, inf/nan data)
+        # keep every moving statistic.
+        ok = tf.math.is_finite(mean) & tf.math.is_finite(variance)
+        moving_mean = tf.cast(self.moving_mean, dtype)
+        new_mean = moving_mean * self.momentum + mean * (1.0 - self.momentum)
+        self._assign_where(ok, self.moving_mean, new_mean, moving_mean)
+        moving_variance = tf.cast(self.moving_variance, dtype)
+        if not self.renorm:
+            new_variance = moving_variance * self.momentum + variance * (1.0 - self.momentum)
+            self._assign_where(ok, self.moving_variance, new_variance, moving_variance)
+            return outputs
+        # Keras' renorm updates: renorm_mean/renorm_stddev with renorm_momentum, the
+        # moving mean and stddev with momentum, and moving_variance from moving_stddev.
+        stddev = tf.sqrt(variance + tf.cast(self.epsilon, dtype))
+        rm = self.renorm_momentum
+        new_renorm_mean = renorm_mean * rm + mean * (1.0 - rm)
+        new_renorm_stddev = renorm_stddev * rm + stddev * (1.0 - rm)
+        self._assign_where(ok, self.renorm_mean, new_renorm_mean, renorm_mean)
+        self._assign_where(ok, self.renorm_stddev, new_renorm_stddev, renorm_stddev)
+        moving_stddev = tf.cast(self.moving_stddev, dtype)
+        new_stddev = moving_stddev * self.momentum + stddev * (1.0 - self.momentum)
+        self._assign_where(ok, self.moving_stddev, new_stddev, moving_stddev)
+        new_variance = tf.nn.relu(new_stddev * new_stddev - tf.cast(self.epsilon, dtype))
+        self._assign_where(ok, self.moving_variance, new_variance, moving_variance)
+        return outputs

@@ -1,0 +1,151 @@
+"""The split BatchNorm path: statistics | (collective) | apply, forward and backward.
+
+One function runs every BatchNorm that the fused op does not cover on its own:
+
+- synchronized BatchNorm (a tf.distribute replica context: one all-gather of the
+  per-replica partial statistics forward, one all-reduce of the gradient sums backward);
+- masks: one weight per position (Keras' mask, broadcast over the channels), so the
+  statistics are the weighted mean and the weighted biased variance, and every element is
+  normalized with them;
+- batch renormalization: a per-channel correction (r, d) of the statistics the op
+  computes, y = xhat * (scale * r) + (scale * d + offset), with r and d held constant
+  in the gradient (as Keras' stop_gradient).
+
+With one device there is no collective: the ops run back to back on the batch.
+"""
+
+import tensorflow as tf
+
+from ._library import ops as _ops
+
+
+def _nonzero(grad):
+    """None for a gradient that is absent or, in a graph, statically zero (what
+    tf.custom_gradient passes for outputs that were not used), so the all-reduce then packs
+    2 rows, not 4. Eagerly every value is "static": deciding on it could pack different
+    shapes on different replicas, so there only None counts as absent."""
+    if grad is None or tf.executing_eagerly():
+        return grad
+    value = tf.get_static_value(grad)
+    if value is not None and not value.any():
+        return None
+    return grad
+
+
+def _gather(ctx, partial):
+    """Every replica's [3, C] partials as [replicas, 3, C], in replica order, with ONE
+    collective: each replica puts its partials in its own slot of zeros and the slots
+    are summed. Adding zeros is exact, so this is an exact all-gather (ctx.all_gather
+    issues two collectives, the first to agree on shapes)."""
+    replicas = ctx.num_replicas_in_sync
+    mine = tf.equal(tf.range(replicas), tf.cast(ctx.replica_id_in_sync_group, tf.int32))
+    slots = tf.where(mine[:, None, None], partial[None], tf.zeros_like(partial)[None])
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, slots)
+
+
+def renorm_correction(renorm_mean, renorm_stddev, *, epsilon, clipping):
+    """Keras' batch renormalization correction as a function of the batch statistics.
+
+    renorm_mean / renorm_stddev are tensors (read from the layer's variables beforehand).
+    Returns correction(mean, variance) -> (r, d): r = stddev / renorm_stddev,
+    d = (mean - renorm_mean) / renorm_stddev with stddev = sqrt(variance + epsilon) and
+    renorm_stddev at least sqrt(epsilon); r clipped to [rmin, rmax], d to [-dmax, dmax]
+    (missing keys: no bound).
+    """
+    clipping = clipping or {}
+
+    def correction(mean, variance):
+        stddev = tf.sqrt(variance + tf.cast(epsilon, variance.dtype))
+        denom = tf.maximum(tf.cast(renorm_stddev, mean.dtype),
+                           tf.sqrt(tf.cast(epsilon, mean.dtype)))
+        r = stddev / denom
+        d = (mean - tf.cast(renorm_mean, mean.dtype)) / denom
+        if clipping.get("rmin") is not None:
+            r = tf.maximum(r, tf.cast(clipping["rmin"], r.dtype))
+        if clipping.get("rmax") is not None:
+            r = tf.minimum(r, tf.cast(clipping["rmax"], r.dtype))
+        if clipping.get("dmax") is not None:
+            dmax = tf.cast(clipping["dmax"], d.dtype)
+            d = tf.clip_by_value(d, -dmax, dmax)
+        return r, d
+
+    return correction
+
+
+def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
+                     correction=None):
+    """Training-mode BatchNorm of x through the split ops.
+
+    x, scale, offset, axis, epsilon: as `tfbn.batch_norm(..., training=True)` (validated
+    there). ctx: a replica context to synchronize over, or None (this batch alone).
+    weights: None (every element weighs 1) or a float32 tensor of x's shape without the
+    channel axis, finite and >= 0, one weight per position shared by all channels.
+    correction: None or correction(mean, variance) -> (r, d), per-channel tensors of the
+    statistics' dtype, computed from the batch statistics and held constant in the
+    gradient (batch renormalization); it must read tensors, not variables.
+
+    Returns (y, mean, variance): the (global, weighted) batch mean and biased variance.
+    Where the weights sum to 0 those are NaN, and x is normalized as Keras normalizes
+    a fully masked batch: with mean 0 and variance 0.
+    """
+    dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+    empty = tf.zeros([0], dtype)
+    no_weights = tf.zeros([0], tf.float32)
+    has_scale, has_offset = scale is not None, offset is not None
+    inputs = [x] + ([scale] if has_scale else []) + ([offset] if has_offset else [])
+    w = no_weights if weights is None else tf.cast(weights, tf.float32)
+
+    @tf.custom_gradient
+    def forward(*inputs):
+        x = inputs[0]
+        rest = iter(inputs[1:])
+        s = next(rest) if has_scale else None
+        o = next(rest) if has_offset else None
+        partial = _ops.tfbn_batch_norm_stats(x, w, axis=axis)
+        partials = partial if ctx is None else _gather(ctx, partial)
+        mean, variance, residual, count = _ops.tfbn_batch_norm_merge_stats(partials, U=dtype)
+        n_mean, n_var, n_res = mean, variance, residual
+        if weights is not None:  # no weight at all: Keras' mean 0, variance 0
+            some = count > 0
+            n_mean, n_var, n_res = (tf.where(some, v, tf.zeros_like(v))
+                                    for v in (mean, variance, residual))
+        s_eff, o_eff = s, o
+        if correction is not None:
+            r, d = correction(n_mean, n_var)
+            r, d = tf.stop_gradient(r), tf.stop_gradient(d)
+            s_eff = r if s is None else s * r
+            o_eff = d if s is None else s * d
+            o_eff = o_eff if o is None else o_eff + o
+        y = _ops.tfbn_batch_norm_apply(
+            x, empty if s_eff is None else s_eff, empty if o_eff is None else o_eff,
+            n_mean, n_var, n_res, epsilon=epsilon, axis=axis,
+        )
+
+        def grad(dy, d_mean, d_variance):
+            dy = tf.zeros_like(x) if dy is None else dy
+            local = _ops.tfbn_batch_norm_grad_sums(dy, x, n_mean, n_res, axis=axis)
+            d_mean, d_variance = _nonzero(d_mean), _nonzero(d_variance)
+            packed = [local]
+            if d_mean is not None or d_variance is not None:
+                # The statistics are functions of every replica's x: their gradients are
+                # summed with the rest and folded into dx (as the fused op does locally).
+                packed.append(tf.stack([
+                    tf.zeros_like(mean, tf.float64) if d_mean is None
+                    else tf.cast(d_mean, tf.float64),
+                    tf.zeros_like(mean, tf.float64) if d_variance is None
+                    else tf.cast(d_variance, tf.float64),
+                ]))
+            packed = tf.concat(packed, axis=0) if len(packed) > 1 else local
+            total = packed if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed)
+            dx, dscale, doffset = _ops.tfbn_batch_norm_grad_apply(
+                dy, x, empty if s_eff is None else s_eff, n_mean, n_var, n_res, local, total,
+                count, w, epsilon=epsilon, axis=axis,
+            )
+            if correction is not None and has_scale:
+                # y = xhat * (s * r) + (s * d + o): dscale = r * sum(dy * xhat) + d * sum(dy)
+                dscale = r * dscale + d * doffset
+            return [dx] + ([dscale] if has_scale else []) + ([doffset] if has_offset else [])
+
+        return (y, mean, variance), grad
+
+    return forward(*inputs)
