@@ -129,7 +129,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return outputs
         # Keras' renorm updates: renorm_mean/renorm_stddev with renorm_momentum, the
         # moving mean and stddev with momentum, and moving_variance from moving_stddev.
-        stddev = tf.sqrt(variance + tf.cast(self.epsilon, dtype))
+        stddev = tf.sqrt(variance + tf.constant(self.epsilon, dtype))
         rm = self.renorm_momentum
         new_renorm_mean = renorm_mean * rm + mean * (1.0 - rm)
         new_renorm_stddev = renorm_stddev * rm + stddev * (1.0 - rm)
@@ -138,6 +138,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         moving_stddev = tf.cast(self.moving_stddev, dtype)
         new_stddev = moving_stddev * self.momentum + stddev * (1.0 - self.momentum)
         self._assign_where(ok, self.moving_stddev, new_stddev, moving_stddev)
-        new_variance = tf.nn.relu(new_stddev * new_stddev - tf.cast(self.epsilon, dtype))
+        new_variance = tf.nn.relu(new_stddev * new_stddev - tf.constant(self.epsilon, dtype))
         self._assign_where(ok, self.moving_variance, new_variance, moving_variance)
         return outputs

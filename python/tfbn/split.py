@@ -55,17 +55,17 @@ def renorm_correction(renorm_mean, renorm_stddev, *, epsilon, clipping):
     clipping = clipping or {}
 
     def correction(mean, variance):
-        stddev = tf.sqrt(variance + tf.cast(epsilon, variance.dtype))
+        stddev = tf.sqrt(variance + tf.constant(epsilon, variance.dtype))
         denom = tf.maximum(tf.cast(renorm_stddev, mean.dtype),
-                           tf.sqrt(tf.cast(epsilon, mean.dtype)))
+                           tf.sqrt(tf.constant(epsilon, mean.dtype)))
         r = stddev / denom
         d = (mean - tf.cast(renorm_mean, mean.dtype)) / denom
         if clipping.get("rmin") is not None:
-            r = tf.maximum(r, tf.cast(clipping["rmin"], r.dtype))
+            r = tf.maximum(r, tf.constant(clipping["rmin"], r.dtype))
         if clipping.get("rmax") is not None:
-            r = tf.minimum(r, tf.cast(clipping["rmax"], r.dtype))
+            r = tf.minimum(r, tf.constant(clipping["rmax"], r.dtype))
         if clipping.get("dmax") is not None:
-            dmax = tf.cast(clipping["dmax"], d.dtype)
+            dmax = tf.constant(clipping["dmax"], d.dtype)
             d = tf.clip_by_value(d, -dmax, dmax)
         return r, d
 
