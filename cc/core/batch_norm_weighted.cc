@@ -5,7 +5,9 @@
 // order, so results are bitwise identical for any number of threads.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -20,11 +22,25 @@ constexpr int64_t kBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlocks = 64;
 // Elementwise passes: pieces of about this many elements for the threads.
 constexpr int64_t kPieceElements = int64_t{1} << 14;
-// Planar sums: independent accumulators along a run of inner elements (vector lanes).
-constexpr int kLanes = 8;
+// Sums are taken in the compute type V over short stretches (kFlushRows rows, or
+// kFlushElements elements spread over kLanes lanes), then added into double, as the fused
+// kernels do: float arithmetic at float speed, double where sums grow.
+constexpr int64_t kSeg = 512;  // channels (or elements) per stack buffer
+constexpr int64_t kFlushRows = 16;
+constexpr int64_t kFlushElements = 512;
+constexpr int kLanes = 16;
 // A shift sample further than this many standard deviations from the weighted mean
 // costs precision in S2 - S1^2 / W: a second pass then shifts by the mean found.
 constexpr double kFarShift = 8.0;
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked when the
+// library loads. Without FMA contraction (-ffp-contract=off) and with a fixed lane order
+// every version gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TFBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TFBN_CLONES
+#endif
 
 inline int64_t BlockBegin(int64_t b, int64_t nb, int64_t n) {
   return static_cast<int64_t>((static_cast<__int128>(n) * b) / nb);
@@ -36,103 +52,240 @@ int64_t NumBlocks(const Layout& layout) {
   return std::clamp<int64_t>(wanted, 1, std::min(kMaxBlocks, layout.per_channel()));
 }
 
+// The compute type: double for double data, float otherwise.
 template <typename T>
-inline double D(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-inline double D<double>(double v) {
-  return v;
+using V = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// n values of p as V: p itself where T is V, else converted into buf.
+template <typename T>
+inline const V<T>* In(const T* p, int64_t n, V<T>* buf) {
+  if constexpr (std::is_same_v<T, V<T>>) {
+    return p;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<V<T>>(p[k]);
+    return buf;
+  }
 }
 
-// Channels-last rows [r0, r1): s0 += w, s1[c] += w * d, s2[c] += w * d * d, d = x - K.
+// kLanes values as one GCC vector: the compiler maps it onto the instruction set's
+// registers, always in lane order.
+template <typename U>
+using Lanes __attribute__((vector_size(kLanes * sizeof(U)))) = U;
+typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+template <typename U>
+inline Lanes<U> LoadLanes(const U* p) {
+  Lanes<U> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename U>
+inline void StoreLanes(U* p, const Lanes<U>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename U>
+inline Lanes<U> LoadWeights(const float* p) {
+  FloatLanes v;
+  std::memcpy(&v, p, sizeof v);
+  if constexpr (std::is_same_v<U, float>) {
+    return v;
+  } else {
+    return __builtin_convertvector(v, Lanes<U>);
+  }
+}
+
+// Channels-last rows [r0, r1): s1[c] += w * d, s2[c] += w * d * d with d = x - shift.
 // Rows of weight 0 are skipped, so masked values (even NaN) never reach the sums.
 template <typename T>
-void WeightedRows(const T* x, const float* w, int64_t C, int64_t r0, int64_t r1,
-                  const double* __restrict shift, double* s0, double* __restrict s1,
-                  double* __restrict s2) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const double wr = w[r];
-    if (wr == 0.0) continue;
-    *s0 += wr;
-    const T* xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = D(xr[c]) - shift[c];
-      const double wd = wr * d;
-      s1[c] += wd;
-      s2[c] += wd * d;
+TFBN_CLONES void WeightedRows(const T* x, const float* w, int64_t C, int64_t r0, int64_t r1,
+                              const V<T>* shift, double* s1, double* s2) {
+  using U = V<T>;
+  alignas(64) U buf[kSeg], a1[kSeg], a2[kSeg];
+  for (int64_t c0 = 0; c0 < C; c0 += kSeg) {
+    const int64_t n = std::min(kSeg, C - c0);
+    const U* __restrict sh = shift + c0;
+    for (int64_t rb = r0; rb < r1; rb += kFlushRows) {
+      for (int64_t c = 0; c < n; ++c) a1[c] = a2[c] = U(0);
+      for (int64_t r = rb, re = std::min(rb + kFlushRows, r1); r < re; ++r) {
+        const U wr = static_cast<U>(w[r]);
+        if (wr == U(0)) continue;
+        const U* __restrict xr = In(x + r * C + c0, n, buf);
+        for (int64_t c = 0; c < n; ++c) {
+          const U d = xr[c] - sh[c];
+          const U wd = wr * d;
+          a1[c] += wd;
+          a2[c] += wd * d;
+        }
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        s1[c0 + c] += static_cast<double>(a1[c]);
+        s2[c0 + c] += static_cast<double>(a2[c]);
+      }
     }
   }
 }
 
-// Planar: channel c over its per-channel indices [j0, j1) (j = o * inner + i), lane sums.
+// Planar: channel c over its per-channel indices [j0, j1) (j = o * inner + i). Lane l
+// takes elements l, l + kLanes, ... of each contiguous piece; a tail goes to lanes 0, 1...
 template <typename T>
-void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t inner, int64_t c,
-                    int64_t j0, int64_t j1, double shift, double* s0, double* s1,
-                    double* s2) {
-  double a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t j = j0;
-  while (j < j1) {
-    const int64_t o = j / inner, i0 = j - o * inner;
-    const int64_t n = std::min(j1 - j, inner - i0);
-    const T* xp = x + (o * C + c) * inner + i0;
+TFBN_CLONES void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t inner,
+                                int64_t c, int64_t j0, int64_t j1, V<T> shift, double* s1,
+                                double* s2) {
+  using U = V<T>;
+  alignas(64) U buf[kFlushElements];
+  U a1[kLanes] = {}, a2[kLanes] = {};
+  double t1[kLanes] = {}, t2[kLanes] = {};
+  auto flush = [&] {
+    for (int l = 0; l < kLanes; ++l) {
+      t1[l] += static_cast<double>(a1[l]);
+      t2[l] += static_cast<double>(a2[l]);
+      a1[l] = a2[l] = U(0);
+    }
+  };
+  int64_t pending = 0;
+  for (int64_t j = j0; j < j1;) {
+    const int64_t o = j / inner, i = j - o * inner;
+    const int64_t len = std::min(inner - i, j1 - j);
+    const T* xp = x + (o * C + c) * inner + i;
     const float* wp = w + j;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const double wi = wp[i + l];
-        const double d = wi != 0.0 ? D(xp[i + l]) - shift : 0.0;
-        const double wd = wi * d;
-        a0[l] += wi;
+    for (int64_t k = 0; k < len; k += kFlushElements) {
+      const int64_t n = std::min(kFlushElements, len - k);
+      const U* __restrict xs = In(xp + k, n, buf);
+      const float* __restrict ws = wp + k;
+      int64_t e = 0;
+      if (e + kLanes <= n) {
+        Lanes<U> v1 = LoadLanes<U>(a1), v2 = LoadLanes<U>(a2);
+        const Lanes<U> zero = {}, sh = zero + shift;
+        for (; e + kLanes <= n; e += kLanes) {
+          const Lanes<U> wi = LoadWeights<U>(ws + e);
+          // A select, not a branch: a weight of 0 drops the value (even NaN).
+          const Lanes<U> d = wi != zero ? LoadLanes<U>(xs + e) - sh : zero;
+          const Lanes<U> wd = wi * d;
+          v1 += wd;
+          v2 += wd * d;
+        }
+        StoreLanes<U>(a1, v1);
+        StoreLanes<U>(a2, v2);
+      }
+      for (int l = 0; e < n; ++e, ++l) {
+        const U wi = static_cast<U>(ws[e]);
+        const U d = wi != U(0) ? xs[e] - shift : U(0);
+        const U wd = wi * d;
         a1[l] += wd;
         a2[l] += wd * d;
       }
-    for (int l = 0; i < n; ++i, ++l) {
-      const double wi = wp[i];
-      const double d = wi != 0.0 ? D(xp[i]) - shift : 0.0;
-      a0[l] += wi;
-      a1[l] += wi * d;
-      a2[l] += wi * d * d;
+      pending += n;
+      if (pending >= kFlushElements) {
+        flush();
+        pending = 0;
+      }
     }
-    j += n;
+    j += len;
   }
+  flush();
   for (int l = 0; l < kLanes; ++l) {
-    *s0 += a0[l];
-    *s1 += a1[l];
-    *s2 += a2[l];
+    *s1 += t1[l];
+    *s2 += t2[l];
+  }
+}
+
+// dx = ga * dy + w * (gb * ((x - hi) - lo) + gc). Inputs are read into buffers first, so
+// dx may be dy itself (the op forwards dy's buffer).
+// Channels-last rows [r0, r1): one weight per row, per-channel coefficients. Short rows
+// go R = kSeg / C at a time through one flat loop (the coefficients tiled R times, the
+// row weights spread over their C elements), so narrow layers still run long vector loops.
+template <typename T>
+TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w, int64_t C,
+                                  int64_t r0, int64_t r1, int64_t R, const V<T>* hi,
+                                  const V<T>* lo, const V<T>* ga, const V<T>* gb,
+                                  const V<T>* gc) {
+  using U = V<T>;
+  alignas(64) U bdy[kSeg], bx[kSeg], bw[kSeg], out[kSeg];
+  for (int64_t r = r0; r < r1; r += R) {
+    const int64_t rows = std::min(R, r1 - r);
+    for (int64_t q = 0; q < rows; ++q) std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]));
+    const int64_t span = R > 1 ? rows * C : C;
+    for (int64_t c0 = 0; c0 < span; c0 += kSeg) {
+      const int64_t m = std::min(kSeg, span - c0), e = r * C + c0;
+      const U* __restrict g = In(dy + e, m, bdy);
+      const U* __restrict v = In(x + e, m, bx);
+      const U* __restrict ws = R > 1 ? bw : nullptr;
+      const U wr = bw[0];
+      const U *__restrict h = hi + c0, *__restrict l = lo + c0, *__restrict a = ga + c0,
+                          *__restrict b = gb + c0, *__restrict k = gc + c0;
+      U* __restrict o = out;
+      if (ws) {
+        for (int64_t c = 0; c < m; ++c)
+          o[c] = a[c] * g[c] + ws[c] * (b[c] * ((v[c] - h[c]) - l[c]) + k[c]);
+      } else {
+        for (int64_t c = 0; c < m; ++c)
+          o[c] = a[c] * g[c] + wr * (b[c] * ((v[c] - h[c]) - l[c]) + k[c]);
+      }
+      for (int64_t c = 0; c < m; ++c) dx[e + c] = static_cast<T>(o[c]);
+    }
+  }
+}
+
+// Planar planes [p0, p1) (plane p = o * C + c: `inner` elements of channel c), one weight
+// per element.
+template <typename T>
+TFBN_CLONES void WeightedGradPlanes(const T* dy, const T* x, T* dx, const float* w, int64_t C,
+                                    int64_t inner, int64_t p0, int64_t p1, const V<T>* hi,
+                                    const V<T>* lo, const V<T>* ga, const V<T>* gb,
+                                    const V<T>* gc) {
+  using U = V<T>;
+  alignas(64) U bdy[kSeg], bx[kSeg], out[kSeg];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t o = p / C, ch = p - o * C;
+    const U h = hi[ch], l = lo[ch], a = ga[ch], b = gb[ch], k = gc[ch];
+    for (int64_t i0 = 0; i0 < inner; i0 += kSeg) {
+      const int64_t m = std::min(kSeg, inner - i0), e = p * inner + i0;
+      const U* __restrict g = In(dy + e, m, bdy);
+      const U* __restrict v = In(x + e, m, bx);
+      const float* __restrict ws = w + o * inner + i0;
+      U* __restrict out_p = out;
+      for (int64_t i = 0; i < m; ++i)
+        out_p[i] = a * g[i] + static_cast<U>(ws[i]) * (b * ((v[i] - h) - l) + k);
+      for (int64_t i = 0; i < m; ++i) dx[e + i] = static_cast<T>(out_p[i]);
+    }
   }
 }
 
 // Per-channel W = sum w, S1 = sum w * (x - K), S2 = sum w * (x - K)^2 over the fixed
 // block partition, blocks added in order. W is the same for every channel (one weight per
-// position); planar blocks compute it per channel, identically.
+// position).
 template <typename T>
-void WeightedSums(const Layout& layout, const T* x, const float* w, const double* shift,
+void WeightedSums(const Layout& layout, const T* x, const float* w, const V<T>* shift,
                   double* s0, double* s1, double* s2, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel(), inner = layout.inner;
   const int64_t nb = NumBlocks(layout);
-  std::vector<double> part(static_cast<size_t>(nb * (3 * C + 1)), 0.0);  // [b][s0 | C | C | C]
-  auto block = [&](int64_t b) { return &part[b * (3 * C + 1)]; };
-  const int64_t cost = 6 * std::max<int64_t>(1, layout.size() / nb);
+  std::vector<double> part(static_cast<size_t>(nb * 3 * C), 0.0);  // [b][s0 | s1 | s2][C]
+  auto block = [&](int64_t b) { return &part[b * 3 * C]; };
+  const int64_t cost = 4 * std::max<int64_t>(1, layout.size() / nb);
   if (inner == 1) {
     parallel_for(nb, cost, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double* p = block(b);
-        WeightedRows(x, w, C, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), shift, p,
-                     p + 1, p + 1 + C);
+        WeightedRows(x, w, C, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), shift, p + C,
+                     p + 2 * C);
       }
     });
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t c = 0; c < C; ++c) block(b)[1 + 2 * C + c] = block(b)[0];
   } else {
     parallel_for(nb * C, cost / C + 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / C, c = t % C;
         double* p = block(b);
         WeightedPlanar(x, w, C, inner, c, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m),
-                       shift[c], p + 1 + 2 * C + c, p + 1 + c, p + 1 + C + c);
+                       shift[c], p + C + c, p + 2 * C + c);
       }
     });
+  }
+  // The weight sum of a block is the same for every channel: once, in double.
+  for (int64_t b = 0; b < nb; ++b) {
+    double sw = 0.0;
+    for (int64_t j = BlockBegin(b, nb, m), e = BlockBegin(b + 1, nb, m); j < e; ++j)
+      sw += static_cast<double>(w[j]);
+    std::fill(block(b), block(b) + C, sw);
   }
   std::fill(s0, s0 + C, 0.0);
   std::fill(s1, s1 + C, 0.0);
@@ -140,9 +293,9 @@ void WeightedSums(const Layout& layout, const T* x, const float* w, const double
   for (int64_t b = 0; b < nb; ++b) {
     const double* p = block(b);
     for (int64_t c = 0; c < C; ++c) {
-      s0[c] += p[1 + 2 * C + c];
-      s1[c] += p[1 + c];
-      s2[c] += p[1 + C + c];
+      s0[c] += p[c];
+      s1[c] += p[C + c];
+      s2[c] += p[2 * C + c];
     }
   }
 }
@@ -176,8 +329,9 @@ void WeightedPartialMoments(const Layout& layout, const T* x, const float* weigh
                         weights;
   if (C == 0 || first == m) return;  // no weight: contributes nothing to a merge
   const int64_t o = first / inner, i = first - o * inner;
-  std::vector<double> shift(static_cast<size_t>(C)), s0(C), s1(C), s2(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = D(x[(o * C + c) * inner + i]);
+  std::vector<V<T>> shift(static_cast<size_t>(C));
+  std::vector<double> s0(C), s1(C), s2(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<V<T>>(x[(o * C + c) * inner + i]);
   for (int pass = 0; pass < 2; ++pass) {
     WeightedSums(layout, x, weights, shift.data(), s0.data(), s1.data(), s2.data(),
                  parallel_for);
@@ -185,12 +339,12 @@ void WeightedPartialMoments(const Layout& layout, const T* x, const float* weigh
     for (int64_t c = 0; c < C; ++c) {
       const double d = s1[c] / s0[c];
       count[c] = s0[c];
-      mean[c] = shift[c] + d;
+      mean[c] = static_cast<double>(shift[c]) + d;
       const double v = s2[c] - s1[c] * d;
       m2[c] = v < 0.0 ? 0.0 : v;  // rounding can dip below zero; NaN passes through
       if (d * d > kFarShift * kFarShift * (m2[c] / s0[c]) && std::isfinite(mean[c])) {
         far = true;
-        shift[c] = mean[c];
+        shift[c] = static_cast<V<T>>(mean[c]);
       }
     }
     if (!far) break;
@@ -227,32 +381,21 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
     gb[c] = W > 0.0 ? static_cast<U>(-s * r * r * r * sum_dy_xc / W + 2.0 * dvar / W) : U(0);
     gc[c] = W > 0.0 ? static_cast<U>(-s * r * sum_dy / W + dmu / W) : U(0);
   }
-  // dx may be dy itself: each element is read before it is written.
-  auto at = [](const T* p, int64_t k) { return static_cast<U>(p[k]); };
   if (inner == 1) {
+    const int64_t R = std::max<int64_t>(1, kSeg / std::max<int64_t>(C, 1));
+    std::vector<U> th(R * C), tl(R * C), ta(R * C), tb(R * C), tc(R * C);  // tiled R times
+    for (int64_t k = 0; k < R * C; ++k) {
+      th[k] = hi[k % C], tl[k] = lo[k % C], ta[k] = ga[k % C];
+      tb[k] = gb[k % C], tc[k] = gc[k % C];
+    }
     ForEachUnit(layout, parallel_for, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const U w = static_cast<U>(weights[r]);
-        const int64_t base = r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const U xc = (at(x, base + c) - hi[c]) - lo[c];
-          dx[base + c] = static_cast<T>(ga[c] * at(dy, base + c) + w * (gb[c] * xc + gc[c]));
-        }
-      }
+      WeightedGradRows(dy, x, dx, weights, C, r0, r1, R, th.data(), tl.data(), ta.data(),
+                       tb.data(), tc.data());
     });
   } else {
     ForEachUnit(layout, parallel_for, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t o = p / C, c = p - o * C;
-        const U a = ga[c], b = gb[c], g = gc[c], h = hi[c], l = lo[c];
-        const float* wp = weights + o * inner;
-        const int64_t base = p * inner;
-        for (int64_t i = 0; i < inner; ++i) {
-          const U xc = (at(x, base + i) - h) - l;
-          dx[base + i] =
-              static_cast<T>(a * at(dy, base + i) + static_cast<U>(wp[i]) * (b * xc + g));
-        }
-      }
+      WeightedGradPlanes(dy, x, dx, weights, C, inner, p0, p1, hi.data(), lo.data(),
+                         ga.data(), gb.data(), gc.data());
     });
   }
 }
