@@ -2,6 +2,7 @@
 NumPy reference, the layer against Keras' own BatchNormalization, numerical gradients,
 determinism and argument errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -390,3 +391,15 @@ def test_a_mask_of_the_wrong_rank_is_refused_as_keras_does():
     layer = tfbn.BatchNormalization()
     with pytest.raises(ValueError, match="one dimension less than the inputs"):
         layer(tf.zeros([4, 5, 3]), training=True, mask=tf.ones([4]))
+
+
+def test_synchronized_renorm_and_mask_match_one_device_on_the_global_batch():
+    """MirroredStrategy over 2 logical CPUs, batch split 9 + 3 with the second slice fully
+    masked: the synchronized layer's step equals the single-device step on the whole
+    batch (sync_renorm_mask_probe.py, in a fresh process)."""
+    probe = os.path.join(os.path.dirname(__file__), "sync_renorm_mask_probe.py")
+    out = subprocess.run([sys.executable, probe], check=True, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    assert errors.pop("unsynchronized_y") > 1e-2  # the split does matter
+    assert max(errors.values()) < 1e-12, errors
