@@ -36,7 +36,9 @@ constexpr double kFarShift = 8.0;
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked when the
 // library loads. Without FMA contraction (-ffp-contract=off) and with a fixed lane order
 // every version gives the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (A build may define TFBN_CLONES itself, e.g. empty to compile one instruction set.)
+#if defined(TFBN_CLONES)
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TFBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TFBN_CLONES
