@@ -79,6 +79,18 @@ def test_weighted_statistics_match_float64_far_from_zero(shape, axis, dtype, kin
     np.testing.assert_allclose(partial[2], m2, rtol=1e-6 if dtype == "float32" else 1e-10)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape,axis", [((64, 6, 6, 5), -1), ((16, 5, 6, 6), 1)])
+def test_weighted_statistics_of_half_types_match_float64(dtype, shape, axis, rng):
+    x = tf.cast(rng.normal(50.0, 4.0, shape), dtype)
+    w = (rng.random(positions_shape(shape, axis)) > 0.4).astype(np.float32)
+    partial = _ops.tfbn_batch_norm_stats(x, w, axis=axis).numpy()
+    count, mean, m2 = weighted_moments(tf.cast(x, tf.float64).numpy(), w, axis)  # same values
+    np.testing.assert_array_equal(partial[0], count)
+    np.testing.assert_allclose(partial[1], mean, rtol=1e-9)
+    np.testing.assert_allclose(partial[2], m2, rtol=1e-6)
+
+
 def test_weights_of_one_give_the_unweighted_statistics(rng):
     x = rng.normal(3.0, 2.0, (50, 4, 4, 6)).astype(np.float64)
     ones = np.ones((50, 4, 4), np.float32)
