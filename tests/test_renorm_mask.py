@@ -58,7 +58,8 @@ def positions_shape(shape, axis):
     return tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
 
 
-LAYOUTS = [((64, 6, 6, 5), -1), ((64, 5, 6, 6), 1), ((300, 7), -1), ((4, 3, 5, 33), 1)]
+LAYOUTS = [((64, 6, 6, 5), -1), ((64, 5, 6, 6), 1), ((300, 7), -1), ((4, 3, 5, 33), 1),
+           ((3, 20, 1030), -1), ((2, 600, 700), 1)]  # channels (elements) over 512: segments
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)

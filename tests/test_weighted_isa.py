@@ -54,3 +54,22 @@ def test_weighted_kernels_give_the_same_bits_for_every_instruction_set(tmp_path)
                                        timeout=120).stdout.strip()
     assert len(digests) >= 2
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.skipif(CXX is None or platform.machine() != "x86_64",
+                    reason="needs g++ on x86-64")
+def test_weighted_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """The harness's layouts include rows wider than the kernels' stack buffers."""
+    exe = str(tmp_path / "asan")
+    build = subprocess.run(
+        [CXX, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-std=c++17", "-ffp-contract=off", "-Wno-psabi", "-DEIGEN_MAX_ALIGN_BYTES=64",
+         "-I" + os.path.join(ROOT, "cc"), "-isystem", tf.sysconfig.get_include(),
+         os.path.join(ROOT, "cc", "core", "batch_norm_weighted.cc"),
+         os.path.join(HERE, "weighted_isa_harness.cc"), "-o", exe],
+        capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "asan" in build.stderr.lower():
+        pytest.skip("the address sanitizer's runtime is not installed")
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]

@@ -58,7 +58,8 @@ void Run(const tfbn::Layout& layout) {
 
 int main() {
   for (const tfbn::Layout& layout : {tfbn::Layout{3000, 64, 1}, tfbn::Layout{700, 517, 1},
-                                     tfbn::Layout{16, 8, 1023}, tfbn::Layout{4, 37, 49}}) {
+                                     tfbn::Layout{16, 8, 1023}, tfbn::Layout{4, 37, 49},
+                                     tfbn::Layout{50, 1500, 1}}) {
     Run<float, float>(layout);
     Run<double, double>(layout);
     Run<Eigen::half, float>(layout);

@@ -205,14 +205,15 @@ TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w
   alignas(64) U bdy[kSeg], bx[kSeg], bw[kSeg], out[kSeg];
   for (int64_t r = r0; r < r1; r += R) {
     const int64_t rows = std::min(R, r1 - r);
-    for (int64_t q = 0; q < rows; ++q) std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]));
+    if (R > 1)  // R * C <= kSeg
+      for (int64_t q = 0; q < rows; ++q) std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]));
     const int64_t span = R > 1 ? rows * C : C;
     for (int64_t c0 = 0; c0 < span; c0 += kSeg) {
       const int64_t m = std::min(kSeg, span - c0), e = r * C + c0;
       const U* __restrict g = In(dy + e, m, bdy);
       const U* __restrict v = In(x + e, m, bx);
       const U* __restrict ws = R > 1 ? bw : nullptr;
-      const U wr = bw[0];
+      const U wr = static_cast<U>(w[r]);
       const U *__restrict h = hi + c0, *__restrict l = lo + c0, *__restrict a = ga + c0,
                           *__restrict b = gb + c0, *__restrict k = gc + c0;
       U* __restrict o = out;
