@@ -1,8 +1,9 @@
 // Weighted pieces of the split op family (see batch_norm.h): partial statistics with one
 // weight per (outer, inner) position, shared by all channels (a Keras mask), and the
-// gradient's apply step that goes with them. Plain loops the compiler vectorizes; sums
-// in double; the block partition depends on the shape only and blocks are added in block
-// order, so results are bitwise identical for any number of threads.
+// gradient's apply step that goes with them. Plain loops the compiler vectorizes; sums of
+// values shifted by a sample, in the compute type over short stretches, then in double;
+// the block partition depends on the shape only and blocks are added in block order, so
+// results are bitwise identical for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
