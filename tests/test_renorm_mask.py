@@ -416,3 +416,27 @@ def test_synchronized_renorm_and_mask_match_one_device_on_the_global_batch():
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     assert errors.pop("unsynchronized_y") > 1e-2  # the split does matter
     assert max(errors.values()) < 1e-12, errors
+
+
+def test_model_fit_with_renorm_and_masking_matches_keras(rng):
+    """Keras' training loop (compiled train step, optimizer): a Masking layer feeds the
+    mask, renorm corrects the statistics; the trained weights agree with Keras' layer."""
+    x = rng.normal(2.0, 3.0, (32, 6, 4)).astype(np.float32)
+    x[:, 4:] = 0.0  # padding that Masking removes from the statistics
+    y = rng.normal(size=(32, 6, 2)).astype(np.float32)
+
+    def model(cls):
+        keras.utils.set_random_seed(5)
+        m = keras.Sequential([
+            keras.Input((6, 4)), keras.layers.Masking(0.0), keras.layers.Dense(3),
+            cls(renorm=True, momentum=0.8, renorm_momentum=0.6,
+                renorm_clipping={"rmax": 2.0, "dmax": 1.0}),
+            keras.layers.Dense(2)])
+        m.compile(keras.optimizers.SGD(0.05), "mse")
+        m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        return m
+
+    ours, theirs = model(tfbn.BatchNormalization), model(keras.layers.BatchNormalization)
+    assert isinstance(ours.layers[2], tfbn.BatchNormalization)
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
