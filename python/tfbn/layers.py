@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from .ops import batch_norm, param_dtype
+from .ops import apply_activation, batch_norm, canonical_activation, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -21,10 +21,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
     under a tf.distribute strategy (one all-gather forward, one all-reduce backward; see
     tfbn.distributed). Options the fused op does not cover yet (renorm, mask, rank-1
     inputs) run Keras' own implementation.
+
+    Fused epilogue: `activation` (None, 'linear', 'relu', 'relu6', 'silu' or 'swish')
+    and `call(..., residual=shortcut)` give `activation(BN(inputs) + residual)` in one
+    op (a ResNet block's tail); the residual is cast to the layer's compute dtype. Where
+    Keras' own math runs, the add and the activation follow it as TensorFlow ops.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
+        canonical_activation(activation, "tfbn.BatchNormalization")  # refuses unknown names
+        self.activation = None if canonical_activation(activation) == "identity" else activation
         # No XLA lowering in this build: keep Keras' jit_compile="auto" from turning XLA on.
         self.supports_jit = False
 
@@ -37,12 +44,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
             and inputs.shape.rank >= 2
         )
 
-    def call(self, inputs, training=None, mask=None):
+    def get_config(self):
+        # Only where used: the config of a layer without an epilogue stays Keras' own.
+        config = super().get_config()
+        if self.activation is not None:
+            config["activation"] = self.activation
+        return config
+
+    def call(self, inputs, training=None, mask=None, residual=None):
         inputs = tf.convert_to_tensor(inputs)
+        activation = canonical_activation(self.activation)
         if not self._fused_applies(inputs, training, mask):
-            return super().call(inputs, training=training, mask=mask)
+            outputs = super().call(inputs, training=training, mask=mask)
+            if residual is not None:
+                outputs = outputs + tf.cast(residual, outputs.dtype)
+            return apply_activation(outputs, activation)
         if inputs.dtype not in _FUSED_DTYPES:
             inputs = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        if residual is not None:
+            residual = tf.cast(residual, inputs.dtype)
         dtype = param_dtype(inputs.dtype)
         gamma = tf.cast(self.gamma, dtype) if self.scale else None
         beta = tf.cast(self.beta, dtype) if self.center else None
@@ -51,7 +71,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if training and self.trainable:
             outputs, mean, variance = batch_norm(
                 inputs, gamma, beta, axis=self.axis, epsilon=self.epsilon, training=True,
-                synchronized=self.synchronized,
+                synchronized=self.synchronized, residual=residual, activation=activation,
             )
             # Keras' update rule; channels whose batch statistics are not finite (empty
             # batch, inf/nan data) keep their moving statistics.
@@ -74,5 +94,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 axis=self.axis,
                 epsilon=self.epsilon,
                 training=False,
+                residual=residual,
+                activation=activation,
             )
         return tf.cast(outputs, self.compute_dtype)
