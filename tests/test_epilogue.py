@@ -129,8 +129,9 @@ def composite_tf(x, scale, offset, residual, activation, axis, training, mean=No
     axes = [d for d in range(rank) if d != axis]
     bshape = [1] * rank
     bshape[axis] = -1
-    if training:
-        mean, var = tf.nn.moments(x, axes)
+    if training:  # not tf.nn.moments: its stop_gradient changes second derivatives
+        mean = tf.reduce_mean(x, axes)
+        var = tf.reduce_mean(tf.square(x - tf.reshape(mean, bshape)), axes)
     r = tf.math.rsqrt(var + ref.op_epsilon(1e-3))
     z = (x - tf.reshape(mean, bshape)) * tf.reshape(r * scale, bshape) + tf.reshape(offset,
                                                                                     bshape)
@@ -176,7 +177,9 @@ def test_gradients_match_autodiff_of_composite(rng, activation, training, shape,
     for a, b, n in zip(got[1], want[1], names):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8, err_msg="d" + n)
     for a, b, n in zip(got[2], want[2], names + ["dy"]):
-        assert (a is None) == (b is None) or activation in ("relu", "relu6"), n
+        if a is None and b is None:
+            continue
+        # None (not connected) and zeros are the same second derivative
         a = np.zeros_like(b) if a is None else a
         b = np.zeros_like(a) if b is None else b
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-7, err_msg="second order " + n)
@@ -457,6 +460,7 @@ def test_layer_serialization_round_trip(rng, tmp_path):
     clone = tfbn.BatchNormalization.from_config(config)
     assert clone.activation == "relu"
     x = rng.standard_normal((3, 6, 6, 4)).astype(np.float32)
+    model.compile("sgd", "mse")
     model.fit(x, x, epochs=1, batch_size=3, verbose=0)  # moves the statistics
     path = str(tmp_path / "m.keras")
     model.save(path)
