@@ -1,8 +1,9 @@
 """tfbn benchmarks: `python benchmarks/run.py [--quick]` (what `make bench` runs).
 
-Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py) and the end-to-end
-training run (e2e_digits.py) in one process, prints the tables and writes
-benchmarks/results/{op_bench,overhead,e2e_digits}[-quick].json and speedup[-quick].png;
+Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py), the end-to-end
+training run (e2e_digits.py) and the fused epilogue (epilogue.py) in one process, prints the
+tables and writes benchmarks/results/{op_bench,overhead,e2e_digits,epilogue}[-quick].json
+and speedup[-quick].png;
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
 """
@@ -19,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "e2e", "distributed")
+PARTS = ("op", "overhead", "e2e", "distributed", "epilogue")
 
 
 def _args():
@@ -108,6 +109,13 @@ def main():
         res = e2e_digits.run(quick=args.quick)
         print(report.e2e_table(res))
         report.write_json(out("e2e_digits") + ".json", meta, res)
+    if "epilogue" in args.only:
+        import epilogue
+
+        print("\nfused epilogue relu(BN(x) + shortcut) ...", flush=True)
+        res = epilogue.run(quick=args.quick, reps=args.reps, budget_s=args.budget)
+        print(epilogue.table(res))
+        report.write_json(out("epilogue") + ".json", meta, res)
     if "distributed" in args.only:
         print("\ndistributed training (MirroredStrategy, 2 logical CPU devices) ...", flush=True)
         command = [sys.executable, os.path.join(HERE, "distributed.py"),

@@ -369,18 +369,20 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
     std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
   } else {
-    // The rows kernels read whole tiles of a and b: padded like the elementwise passes.
-    const auto pa = Padded(a.data(), C), pb = Padded(b.data(), C);
+    // Where dresidual is wanted the sums pass writes dz there (an output, not a
+    // temporary), and the apply pass reads it in place of dy instead of recomputing z.
+    const bool stream = StreamOutput<T>(layout);
+    auto* dz = dresidual ? Raw(dresidual) : nullptr;
     const int64_t inner = layout.inner;
     ReducePerChannel(
         layout,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
           k.epilogue_sums_rows[act](Raw(dy), Raw(x), res, C, r0, r1, hi.data(), lo.data(),
-                                    pa.data(), pb.data(), p1, p2);
+                                    a.data(), b.data(), p1, p2, dz, stream);
         },
         [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
           k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c, j0, j1, hi[c], lo[c],
-                                      a[c], b[c], p1, p2);
+                                      a[c], b[c], p1, p2, dz, stream);
         },
         sum_dy.data(), sum_dy_xc.data(), parallel_for);
   }
@@ -397,9 +399,12 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     }
   }
   const bool full = args.training;
-  if (plain) {
-    ApplyGrad(layout, dy, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
+  if (plain || (dresidual != nullptr && !empty)) {
+    // dz is dy (identity) or was written to dresidual by the sums pass.
+    const T* dz = plain ? dy : dresidual;
+    ApplyGrad(layout, dz, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
               full ? gc.data() : nullptr, dx, parallel_for);
+    if (!plain) return;
     if (dresidual != nullptr)
       ForEachPiece(layout, 1, parallel_for, [&](int64_t e0, int64_t e1) {
         std::copy(dy + e0, dy + e1, dresidual + e0);
