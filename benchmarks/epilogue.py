@@ -1,6 +1,12 @@
 """Fused epilogue benchmark: a ResNet block's tail, relu(BatchNorm(x) + shortcut), training
 forward + backward (gradients of x, scale, offset and the shortcut) and inference forward.
 
+Two training modes: train_fwd_bwd takes x, shortcut and dy as function inputs (held by the
+caller, so no op may write into them); train_live first makes them inside the function
+(x * k, ...), as the convolutions and the next layer's gradient do in a network, so ops
+may reuse their buffers. Its times include those three multiplies, timed alone as
+"producers".
+
 Contenders, every one a tf.function on the same inputs, timed interleaved in this process:
   fused      tfbn.batch_norm(x, scale, offset, residual=shortcut, activation="relu")
   tfbn+tf    tfbn.batch_norm(x, scale, offset), then tf.add and tf.nn.relu
@@ -28,7 +34,7 @@ from timing import median_ms, memory_stats_available, peak_bytes, round_robin
 SHAPES = [(32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048)]
 QUICK_SHAPES = [(32, 28, 28, 512)]
 CONTENDERS = ("fused", "tfbn+tf", "fbv3+tf")
-MODES = ("train_fwd_bwd", "infer")
+MODES = ("train_fwd_bwd", "train_live", "infer")
 
 
 def _forward(name, x, scale, offset, shortcut, training, mean, variance):
@@ -53,7 +59,20 @@ def _forward(name, x, scale, offset, shortcut, training, mean, variance):
 def build(name, mode, inputs):
     """A tf.function of the contender, and the concrete function it runs."""
     x, scale, offset, shortcut, mean, variance, dy = inputs
-    if mode == "infer":
+    if mode == "train_live":
+        k = tf.constant(1.0)
+
+        def live(x0, r0):
+            x, r, g = x0 * k, r0 * k, dy * k  # live intermediates, as in a network
+            if name == "producers":
+                return x, r, g
+            with tf.GradientTape() as tape:
+                tape.watch([x, scale, offset, r])
+                y = _forward(name, x, scale, offset, r, True, None, None)
+            return tape.gradient(y, [x, scale, offset, r], output_gradients=g)
+
+        fn = tf.function(live)
+    elif mode == "infer":
         fn = tf.function(lambda x, r: _forward(name, x, scale, offset, r, False, mean,
                                                variance))
     else:
@@ -108,6 +127,8 @@ def run(quick=False, reps=None, budget_s=15.0, log=sys.stderr):
                 fns[name], concretes[name] = build(name, mode, inputs)
                 out = fns[name]()
                 first[name] = out if mode == "infer" else out[0]
+            if mode == "train_live":
+                fns["producers"] = build("producers", mode, inputs)[0]
             # The same answer (float32 math): dx, or y in inference.
             agree = {n: float(tf.reduce_max(tf.abs(first[n] - first["tfbn+tf"])))
                      for n in CONTENDERS}
@@ -120,10 +141,16 @@ def run(quick=False, reps=None, budget_s=15.0, log=sys.stderr):
                 if with_memory:
                     res[name]["peak_mb"] = peak_bytes(fns[name]) / 2**20
                     res[name]["peak_x"] = res[name]["peak_mb"] * 2**20 / nbytes
-                if mode != "infer":
+                if mode == "train_fwd_bwd":
                     res[name]["saved_full_size"] = saved_full_size(concretes[name], shape)
             for name in CONTENDERS[1:]:
                 res[name]["ratio_vs_fused"] = res[name]["ms"] / res["fused"]["ms"]
+            if "producers" in samples:
+                prod = median_ms(samples["producers"])
+                res["producers"] = {"ms": prod}
+                for name in CONTENDERS[1:]:  # the ratio of the block tails alone
+                    res[name]["net_ratio_vs_fused"] = (
+                        (res[name]["ms"] - prod) / (res["fused"]["ms"] - prod))
             records.append({"shape": list(shape), "layout": "NHWC", "dtype": "float32",
                             "mode": mode, "nbytes": nbytes, "reps": len(samples["fused"]),
                             "results": res})
@@ -145,12 +172,17 @@ def table(res):
             r = rec["results"][name]
             cell = f"{name} {r['ms']:7.2f}"
             if "ratio_vs_fused" in r:
-                cell += f" ({r['ratio_vs_fused']:.2f}x)"
+                cell += f" ({r['ratio_vs_fused']:.2f}x"
+                if "net_ratio_vs_fused" in r:
+                    cell += f", {r['net_ratio_vs_fused']:.2f}x w/o producers"
+                cell += ")"
             if "peak_mb" in r:
                 cell += f" {r['peak_mb']:.0f}MB ({r['peak_x']:.1f}x)"
             if "saved_full_size" in r:
                 cell += f" saved {r['saved_full_size']}"
             cells.append(cell)
+        if "producers" in rec["results"]:
+            cells.append(f"producers {rec['results']['producers']['ms']:.2f}")
         lines.append(f"  {str(tuple(rec['shape'])):20s} {rec['mode']:14s} n={rec['reps']:2d}  "
                      + " | ".join(cells))
     return "\n".join(lines)

@@ -60,13 +60,23 @@ class BatchNormGradOp : public BatchNormOpBase {
     // With identity, dresidual is dy itself (dz = dy): the output shares dy's buffer, so dx
     // must not take it over.
     const bool alias_dy = has_residual_ && args_.activation == Activation::kIdentity;
+    // Outputs take over inputs no one else holds (a real network's dy, often x): each
+    // element is read before it is written (dresidual by the sums pass over dy and the
+    // residual, dx by the last pass over x, dy or dresidual).
     if (alias_dy) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x.shape(), &dx));
       ctx->set_output(3, dy);
+    } else if (has_residual_) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 9}, 3, x.shape(),
+                                                                &dresidual));
+      const bool took_dy = dresidual->data() == dy.data();
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                              took_dy ? std::initializer_list<int>{1}
+                                      : std::initializer_list<int>{0, 1},
+                              0, x.shape(), &dx));
     } else {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(3, has_residual_ ? x.shape() : TensorShape({0}),
-                                               &dresidual));
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 1}, 0, x.shape(), &dx));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({0}), &dresidual));
     }
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
