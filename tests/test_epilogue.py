@@ -501,3 +501,12 @@ def test_layer_residual_is_cast_to_the_compute_dtype(rng):
     y = layer(x, training=True, residual=r)
     assert y.dtype == tf.float16
     assert np.all(np.asarray(y, np.float32) >= 0)
+
+
+def test_synchronized_epilogue_over_two_replicas():
+    """synchronized=True under MirroredStrategy: the global batch's statistics, then the
+    add and the activation; the same values and gradients as the fused op on one device."""
+    probe = os.path.join(os.path.dirname(__file__), "epilogue_sync_probe.py")
+    out = subprocess.run([sys.executable, probe], check=True, capture_output=True, text=True,
+                         timeout=600)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-9
