@@ -411,6 +411,7 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
       });
     return;
   }
+  // No dresidual output: the last pass recomputes z.
   const bool stream = StreamOutput<T>(layout);
   const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C), pa = Padded(a.data(), C);
   const auto pb = Padded(b.data(), C), pga = Padded(ga.data(), C);
@@ -418,9 +419,8 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
   const auto pgc = full ? Padded(gc.data(), C) : std::vector<U>();
   ForEachPiece(layout, args.activation == Activation::kSilu ? 10 : 5, parallel_for,
                [&](int64_t e0, int64_t e1) {
-                 k.epilogue_grad[act](Raw(dy), Raw(x), res, Raw(dx),
-                                      dresidual ? Raw(dresidual) : nullptr, C, layout.inner,
-                                      e0, e1, ph.data(), pl.data(), pa.data(), pb.data(),
+                 k.epilogue_grad[act](Raw(dy), Raw(x), res, Raw(dx), C, layout.inner, e0, e1,
+                                      ph.data(), pl.data(), pa.data(), pb.data(),
                                       pga.data(), full ? pgb.data() : nullptr,
                                       full ? pgc.data() : nullptr, stream);
                });

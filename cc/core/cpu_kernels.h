@@ -60,9 +60,9 @@ struct CpuKernels {
   void (*epilogue_sums_planar[4])(const T* dy, const T* x, const T* residual, int64_t C,
                                   int64_t inner, int64_t c, int64_t j0, int64_t j1, U hi, U lo,
                                   U a, U b, double* s1, double* s2, T* dz, bool stream);
-  // dx = ga * dz + gb * ((x - hi) - lo) + gc (gb == nullptr: dx = ga * dz), and
-  // dresidual = dz where dresidual is not nullptr.
-  void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx, T* dresidual,
+  // dx = ga * dz + gb * ((x - hi) - lo) + gc (gb == nullptr: dx = ga * dz), z recomputed
+  // (the gradient without a dresidual output; with one, grad reads the stored dz).
+  void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx,
                            int64_t C, int64_t inner, int64_t e0, int64_t e1, const U* hi,
                            const U* lo, const U* a, const U* b, const U* ga, const U* gb,
                            const U* gc, bool stream);
