@@ -30,8 +30,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def __init__(self, *args, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
-        canonical_activation(activation, "tfbn.BatchNormalization")  # refuses unknown names
-        self.activation = None if canonical_activation(activation) == "identity" else activation
+        # Refuses unknown names; None, "linear" and "identity" are all stored as None.
+        if canonical_activation(activation, "tfbn.BatchNormalization") == "identity":
+            activation = None
+        self.activation = activation
         # No XLA lowering in this build: keep Keras' jit_compile="auto" from turning XLA on.
         self.supports_jit = False
 

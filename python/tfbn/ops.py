@@ -63,10 +63,11 @@ def canonical_activation(activation, where="tfbn.batch_norm"):
 
 
 def apply_activation(z, activation):
-    """TensorFlow's own op for `activation` (a canonical name): the composite epilogue."""
-    return {
-        "identity": tf.identity, "relu": tf.nn.relu, "relu6": tf.nn.relu6, "silu": tf.nn.silu,
-    }[activation](z)
+    """TensorFlow's own op for `activation` (a canonical name): the composite epilogue.
+    identity returns z itself (no op)."""
+    if activation == "identity":
+        return z
+    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "silu": tf.nn.silu}[activation](z)
 
 
 def _check_residual(residual, x):
