@@ -154,7 +154,8 @@ def test_epilogue_matches_reference_and_the_tf_op(activation, dtype_name, traini
 
 def test_epilogue_arguments_are_checked():
     x = np.ones((4, 3), np.float32)
-    with pytest.raises(ValueError, match="activation must be None, 'linear'.*got activation='tanh'"):
+    with pytest.raises(ValueError,
+                       match="activation must be None, 'linear'.*got activation='tanh'"):
         core.batch_norm_forward(x, activation="tanh")
     with pytest.raises(ValueError, match="residual must have the dtype and shape of x"):
         core.batch_norm_forward(x, residual=np.ones((4, 2), np.float32))
