@@ -28,7 +28,7 @@ def _contenders():
         return tfbn.batch_norm(x, scale, offset)
 
     def raw_op():
-        return tfbn_ops.tfbn_batch_norm(x, scale, offset, empty, empty, is_training=True)
+        return tfbn_ops.tfbn_batch_norm(x, scale, offset, empty, empty, empty, is_training=True)
 
     def fused():
         return tf.raw_ops.FusedBatchNormV3(

@@ -1,9 +1,9 @@
 """tfbn benchmarks: `python benchmarks/run.py [--quick]` (what `make bench` runs).
 
 Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py), the end-to-end
-training run (e2e_digits.py) and the renorm/mask training step (renorm_mask.py) in one
-process, prints the tables and writes
-benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask}[-quick].json and
+training run (e2e_digits.py), the renorm/mask training step (renorm_mask.py) and the fused
+epilogue (epilogue.py) in one process, prints the tables and writes
+benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].json and
 speedup[-quick].png;
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "e2e", "renorm_mask", "distributed")
+PARTS = ("op", "overhead", "e2e", "renorm_mask", "epilogue", "distributed")
 
 
 def _args():
@@ -117,6 +117,13 @@ def main():
         res = renorm_mask.run(quick=args.quick, reps=args.reps)
         print(renorm_mask.table(res))
         report.write_json(out("renorm_mask") + ".json", meta, res)
+    if "epilogue" in args.only:
+        import epilogue
+
+        print("\nfused epilogue relu(BN(x) + shortcut) ...", flush=True)
+        res = epilogue.run(quick=args.quick, reps=args.reps, budget_s=args.budget)
+        print(epilogue.table(res))
+        report.write_json(out("epilogue") + ".json", meta, res)
     if "distributed" in args.only:
         print("\ndistributed training (MirroredStrategy, 2 logical CPU devices) ...", flush=True)
         command = [sys.executable, os.path.join(HERE, "distributed.py"),

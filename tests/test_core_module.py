@@ -113,3 +113,53 @@ def test_non_native_byte_order_is_refused():
     x = np.ones((4, 3), ">f4" if np.little_endian else "<f4")
     with pytest.raises(ValueError, match="byte order"):
         core.batch_norm_forward(x)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("training", [True, False])
+def test_epilogue_matches_reference_and_the_tf_op(activation, dtype_name, training):
+    """residual=/activation= give act(BN(x) + residual) and its four gradients: against
+    float64 math, and bit for bit the TensorFlow op's (the same core kernels)."""
+    import tensorflow as tf
+
+    from test_epilogue import make_case, reference
+
+    rng = np.random.default_rng(3)
+    shape, axis = (6, 5, 4, 40), -1
+    x, scale, offset, res, mean, var, dy = make_case(rng, shape, axis, dtype_name, True,
+                                                     activation, training)
+    kw = dict(axis=axis, training=training, threads=2)
+    y, bm, bv, reserve = core.batch_norm_forward(x, scale, offset, mean, var, residual=res,
+                                                 activation=activation, **kw)
+    dx, dscale, doffset, dres = core.batch_norm_backward(
+        dy, x, scale, bm, bv, reserve, offset=offset, residual=res, activation=activation, **kw)
+    y_ref, dx_ref, ds_ref, do_ref, dres_ref, _ = reference(x, scale, offset, res, dy, activation,
+                                                           axis, training, mean, var)
+    ref.assert_close(y, y_ref, dtype_name, "y")
+    ref.assert_close(dx, dx_ref, dtype_name, "dx")
+    ref.assert_close(dres, dres_ref, dtype_name, "dresidual")
+    np.testing.assert_allclose(dscale, ds_ref, rtol=2e-5, atol=2e-5 * np.abs(ds_ref).max())
+    np.testing.assert_allclose(doffset, do_ref, rtol=2e-5, atol=2e-5 * np.abs(do_ref).max())
+    stats = {} if training else {"mean": mean, "variance": var}
+    xt, rt = tf.constant(x), tf.constant(res)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, rt])
+        y_tf = tfbn.batch_norm(xt, scale, offset, axis=axis, training=training, residual=rt,
+                               activation=activation, **stats)[0]
+    dx_tf, dres_tf = tape.gradient(y_tf, [xt, rt], output_gradients=tf.constant(dy))
+    for a, b in ((y, y_tf), (dx, dx_tf), (dres, dres_tf)):
+        assert a.tobytes() == np.asarray(b).tobytes()
+
+
+def test_epilogue_arguments_are_checked():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError,
+                       match="activation must be None, 'linear'.*got activation='tanh'"):
+        core.batch_norm_forward(x, activation="tanh")
+    with pytest.raises(ValueError, match="residual must have the dtype and shape of x"):
+        core.batch_norm_forward(x, residual=np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match="residual must have the dtype and shape of x"):
+        core.batch_norm_forward(x, residual=np.ones((4, 3)))
+    assert len(core.batch_norm_backward(x, x, mean=np.zeros(3, np.float32),
+                                        variance=np.ones(3, np.float32))) == 3

@@ -74,7 +74,8 @@ def test_epsilon_must_be_positive_and_finite(epsilon):
     with pytest.raises(ValueError, match=r"epsilon must be positive and finite, got epsilon="):
         tfbn.batch_norm(X, epsilon=epsilon)
     # The op itself refuses it too (graph construction and kernel construction).
-    args = (X, np.ones(5, F32), np.zeros(5, F32), np.zeros(0, F32), np.zeros(0, F32))
+    args = (X, np.ones(5, F32), np.zeros(5, F32), np.zeros(0, F32), np.zeros(0, F32),
+            np.zeros(0, F32))
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
                        match="epsilon must be positive and finite"):
         raw.tfbn_batch_norm(*args, epsilon=epsilon)
@@ -100,7 +101,7 @@ def test_mismatched_dtypes(x_dtype, p_dtype):
         tfbn.batch_norm(np.ones((2, 3), x_dtype), np.ones(3, p_dtype))
     # The op's own check, below the Python wrapper.
     args = (np.ones((2, 3), x_dtype), np.ones(3, p_dtype), np.zeros(3, p_dtype),
-            np.zeros(0, p_dtype), np.zeros(0, p_dtype))
+            np.zeros(0, p_dtype), np.zeros(0, p_dtype), np.zeros(0, x_dtype))
     pattern = (rf"scale, offset, mean and variance must be {want} for x of dtype "
                rf"{np.dtype(x_dtype).name}, got {np.dtype(p_dtype).name}")
     if x_dtype == np.float16 and p_dtype == np.float16:
@@ -120,7 +121,8 @@ def test_training_must_be_a_python_bool():
 
 def test_gradient_op_rejects_mismatched_dy():
     args = (np.ones((2, 4), F32), X, np.ones(5, F32), np.zeros(5, F32), np.ones(5, F32),
-            np.zeros(0, F32), np.zeros(0, F32), np.zeros(0, F32))
+            np.zeros(0, F32), np.zeros(0, F32), np.zeros(0, F32), np.zeros(0, F32),
+            np.zeros(0, F32))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"dy has shape \[2,4\] but x has "
                                                              r"shape \[2,3,4,5\]"):
         raw.tfbn_batch_norm_grad(*args)

@@ -62,9 +62,14 @@ void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const
 
 // ---- The fused op, as TensorFlow and the Python module call it. ----
 
+// The activation of the fused epilogue y = act(BN(x) + residual).
+enum class Activation : int { kIdentity = 0, kRelu = 1, kRelu6 = 2, kSilu = 3 };
+constexpr int kNumActivations = 4;
+
 struct ForwardArgs {
   float epsilon = 1e-3f;
   bool training = true;
+  Activation activation = Activation::kIdentity;  // CPU only; the CUDA kernels ignore it
 };
 
 // Training: batch mean and biased variance are computed and written to batch_mean /
@@ -88,6 +93,28 @@ void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* s
                        const U* d_batch_mean, const U* d_batch_variance,
                        const ForwardArgs& args, T* dx, U* dscale, U* doffset,
                        const ParallelFor& parallel_for);
+
+// ---- The fused epilogue: y = act(z), z = BN(x) + residual, CPU. ----
+// residual (nullptr = none) has x's shape; args.activation picks act. With an activation
+// other than identity the normalization uses the variance as rounded to U (the value the
+// gradient receives), so the gradient recomputes z bit for bit.
+template <typename T, typename U>
+void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, const U* offset,
+                              const U* mean, const U* variance, const T* residual,
+                              const ForwardArgs& args, T* y, U* batch_mean, U* batch_variance,
+                              U* mean_residual, const ParallelFor& parallel_for);
+
+// Its gradient: z is recomputed from x, the statistics, scale, offset (nullptr = 0) and
+// residual (nullptr = none), dz = dy * act'(z) replaces dy in BatchNormBackward, and
+// dresidual (nullptr = not wanted) receives dz. No full-size temporary: the sums pass and
+// the apply pass each recompute z.
+template <typename T, typename U>
+void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
+                               const U* offset, const T* residual, const U* mean,
+                               const U* mean_residual, const U* variance,
+                               const U* d_batch_mean, const U* d_batch_variance,
+                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
+                               U* doffset, const ParallelFor& parallel_for);
 
 // ---- Split op family (batch_norm_split.cc): statistics | collective | apply. ----
 // Synchronized BatchNorm runs these with a collective between the statistics and the

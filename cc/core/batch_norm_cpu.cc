@@ -273,12 +273,16 @@ void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const
 }
 
 template <typename T, typename U>
-void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U* offset,
-                      const U* mean, const U* variance, const ForwardArgs& args, T* y,
-                      U* batch_mean, U* batch_variance, U* mean_residual,
-                      const ParallelFor& parallel_for) {
+void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, const U* offset,
+                              const U* mean, const U* variance, const T* residual,
+                              const ForwardArgs& args, T* y, U* batch_mean, U* batch_variance,
+                              U* mean_residual, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   const double eps = static_cast<double>(args.epsilon);
+  const int act = static_cast<int>(args.activation);
+  // With a kink or curve after the normalization the gradient must see the same z: it
+  // gets the variance as U, so the forward normalizes with that value too.
+  const bool variance_as_u = args.activation != Activation::kIdentity;
   std::vector<U> hi(C), lo(C), a(C), b(C);
   std::vector<double> mean_d, m2;
   if (args.training) {
@@ -291,6 +295,7 @@ void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U*
     double var;
     if (args.training) {
       var = m2[c] / m;  // NaN for an empty batch
+      if (variance_as_u) var = static_cast<double>(static_cast<U>(var));
       hi[c] = static_cast<U>(mean_d[c]);
       lo[c] = static_cast<U>(mean_d[c] - static_cast<double>(hi[c]));
     } else {
@@ -305,7 +310,120 @@ void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U*
     a[c] = static_cast<U>(inv_std * (scale ? static_cast<double>(scale[c]) : 1.0));
     b[c] = offset ? offset[c] : U(0);
   }
-  ApplyAffine(layout, x, hi.data(), lo.data(), a.data(), b.data(), y, parallel_for);
+  if (residual == nullptr && args.activation == Activation::kIdentity) {
+    ApplyAffine(layout, x, hi.data(), lo.data(), a.data(), b.data(), y, parallel_for);
+    return;
+  }
+  const auto& k = Kernels<T, U>();
+  const bool stream = StreamOutput<T>(layout);
+  const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C);
+  const auto pa = Padded(a.data(), C), pb = Padded(b.data(), C);
+  const auto* res = residual ? Raw(residual) : nullptr;
+  ForEachPiece(layout, args.activation == Activation::kSilu ? 8 : 3, parallel_for,
+               [&](int64_t e0, int64_t e1) {
+                 k.affine_epilogue[act](Raw(x), res, Raw(y), C, layout.inner, e0, e1,
+                                        ph.data(), pl.data(), pa.data(), pb.data(), stream);
+               });
+}
+
+template <typename T, typename U>
+void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U* offset,
+                      const U* mean, const U* variance, const ForwardArgs& args, T* y,
+                      U* batch_mean, U* batch_variance, U* mean_residual,
+                      const ParallelFor& parallel_for) {
+  BatchNormForwardEpilogue<T, U>(layout, x, scale, offset, mean, variance, nullptr, args, y,
+                                 batch_mean, batch_variance, mean_residual, parallel_for);
+}
+
+template <typename T, typename U>
+void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
+                               const U* offset, const T* residual, const U* mean,
+                               const U* mean_residual, const U* variance,
+                               const U* d_batch_mean, const U* d_batch_variance,
+                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
+                               U* doffset, const ParallelFor& parallel_for) {
+  const int64_t C = layout.channels;
+  const double eps = static_cast<double>(args.epsilon);
+  const double m = static_cast<double>(layout.per_channel());
+  const bool empty = layout.per_channel() == 0;
+  // identity: dz = dy, the plain kernels, and dresidual (if wanted) is a copy of dy.
+  const bool plain = args.activation == Activation::kIdentity;
+  const int act = static_cast<int>(args.activation);
+  std::vector<U> hi(C), lo(C), a(C), b(C), ga(C), gb(C), gc(C);
+  std::vector<double> r(C), s(C);
+  for (int64_t c = 0; c < C; ++c) {
+    hi[c] = mean[c];
+    lo[c] = mean_residual ? mean_residual[c] : U(0);
+    r[c] = 1.0 / std::sqrt(static_cast<double>(variance[c]) + eps);
+    s[c] = scale ? static_cast<double>(scale[c]) : 1.0;
+    a[c] = static_cast<U>(r[c] * s[c]);  // the forward's factor, bit for bit
+    b[c] = offset ? offset[c] : U(0);
+  }
+  const auto& k = Kernels<T, U>();
+  const auto* res = residual ? Raw(residual) : nullptr;
+  std::vector<double> sum_dy(C), sum_dy_xc(C);
+  if (plain) {
+    GradSums(layout, dy, x, hi.data(), lo.data(), sum_dy.data(), sum_dy_xc.data(),
+             parallel_for);
+  } else if (empty) {
+    std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
+    std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
+  } else {
+    // Where dresidual is wanted the sums pass writes dz there (an output, not a
+    // temporary), and the apply pass reads it in place of dy instead of recomputing z.
+    const bool stream = StreamOutput<T>(layout);
+    auto* dz = dresidual ? Raw(dresidual) : nullptr;
+    const int64_t inner = layout.inner;
+    ReducePerChannel(
+        layout,
+        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+          k.epilogue_sums_rows[act](Raw(dy), Raw(x), res, C, r0, r1, hi.data(), lo.data(),
+                                    a.data(), b.data(), p1, p2, dz, stream);
+        },
+        [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
+          k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c, j0, j1, hi[c], lo[c],
+                                      a[c], b[c], p1, p2, dz, stream);
+        },
+        sum_dy.data(), sum_dy_xc.data(), parallel_for);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    doffset[c] = static_cast<U>(sum_dy[c]);
+    dscale[c] = empty ? U(0) : static_cast<U>(r[c] * sum_dy_xc[c]);
+    ga[c] = static_cast<U>(s[c] * r[c]);
+    if (args.training && !empty) {
+      // dx = s*r*(dy - mean(dy) - xhat*mean(dy*xhat)) + d_mean/m + 2*d_var*(x - mean)/m
+      const double dmu = d_batch_mean ? static_cast<double>(d_batch_mean[c]) : 0.0;
+      const double dvar = d_batch_variance ? static_cast<double>(d_batch_variance[c]) : 0.0;
+      gb[c] = static_cast<U>(-s[c] * r[c] * r[c] * r[c] * sum_dy_xc[c] / m + 2.0 * dvar / m);
+      gc[c] = static_cast<U>(-s[c] * r[c] * sum_dy[c] / m + dmu / m);
+    }
+  }
+  const bool full = args.training;
+  if (plain || (dresidual != nullptr && !empty)) {
+    // dz is dy (identity) or was written to dresidual by the sums pass.
+    const T* dz = plain ? dy : dresidual;
+    ApplyGrad(layout, dz, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
+              full ? gc.data() : nullptr, dx, parallel_for);
+    if (!plain) return;
+    if (dresidual != nullptr)
+      ForEachPiece(layout, 1, parallel_for, [&](int64_t e0, int64_t e1) {
+        std::copy(dy + e0, dy + e1, dresidual + e0);
+      });
+    return;
+  }
+  // No dresidual output: the last pass recomputes z.
+  const bool stream = StreamOutput<T>(layout);
+  const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C), pa = Padded(a.data(), C);
+  const auto pb = Padded(b.data(), C), pga = Padded(ga.data(), C);
+  const auto pgb = full ? Padded(gb.data(), C) : std::vector<U>();
+  const auto pgc = full ? Padded(gc.data(), C) : std::vector<U>();
+  ForEachPiece(layout, args.activation == Activation::kSilu ? 10 : 5, parallel_for,
+               [&](int64_t e0, int64_t e1) {
+                 k.epilogue_grad[act](Raw(dy), Raw(x), res, Raw(dx), C, layout.inner, e0, e1,
+                                      ph.data(), pl.data(), pa.data(), pb.data(),
+                                      pga.data(), full ? pgb.data() : nullptr,
+                                      full ? pgc.data() : nullptr, stream);
+               });
 }
 
 template <typename T, typename U>
@@ -314,34 +432,11 @@ void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* s
                        const U* d_batch_mean, const U* d_batch_variance,
                        const ForwardArgs& args, T* dx, U* dscale, U* doffset,
                        const ParallelFor& parallel_for) {
-  const int64_t C = layout.channels;
-  const double eps = static_cast<double>(args.epsilon);
-  const double m = static_cast<double>(layout.per_channel());
-  std::vector<U> hi(C), lo(C), ga(C), gb(C), gc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    hi[c] = mean[c];
-    lo[c] = mean_residual ? mean_residual[c] : U(0);
-  }
-  std::vector<double> sum_dy(C), sum_dy_xc(C);
-  GradSums(layout, dy, x, hi.data(), lo.data(), sum_dy.data(), sum_dy_xc.data(), parallel_for);
-  for (int64_t c = 0; c < C; ++c) {
-    const double r = 1.0 / std::sqrt(static_cast<double>(variance[c]) + eps);
-    const double s = scale ? static_cast<double>(scale[c]) : 1.0;
-    const bool empty = layout.per_channel() == 0;
-    doffset[c] = static_cast<U>(sum_dy[c]);
-    dscale[c] = empty ? U(0) : static_cast<U>(r * sum_dy_xc[c]);
-    ga[c] = static_cast<U>(s * r);
-    if (args.training && !empty) {
-      // dx = s*r*(dy - mean(dy) - xhat*mean(dy*xhat)) + d_mean/m + 2*d_var*(x - mean)/m
-      const double dmu = d_batch_mean ? static_cast<double>(d_batch_mean[c]) : 0.0;
-      const double dvar = d_batch_variance ? static_cast<double>(d_batch_variance[c]) : 0.0;
-      gb[c] = static_cast<U>(-s * r * r * r * sum_dy_xc[c] / m + 2.0 * dvar / m);
-      gc[c] = static_cast<U>(-s * r * sum_dy[c] / m + dmu / m);
-    }
-  }
-  const bool full = args.training;
-  ApplyGrad(layout, dy, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
-            full ? gc.data() : nullptr, dx, parallel_for);
+  ForwardArgs plain = args;
+  plain.activation = Activation::kIdentity;
+  BatchNormBackwardEpilogue<T, U>(layout, dy, x, scale, nullptr, nullptr, mean, mean_residual,
+                                  variance, d_batch_mean, d_batch_variance, plain, dx, nullptr,
+                                  dscale, doffset, parallel_for);
 }
 
 #define TFBN_INSTANTIATE(T, U)                                                              \
@@ -358,7 +453,14 @@ void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* s
                                        U*, const ParallelFor&);                             \
   template void BatchNormBackward<T, U>(const Layout&, const T*, const T*, const U*,        \
                                         const U*, const U*, const U*, const U*, const U*,   \
-                                        const ForwardArgs&, T*, U*, U*, const ParallelFor&);
+                                        const ForwardArgs&, T*, U*, U*, const ParallelFor&); \
+  template void BatchNormForwardEpilogue<T, U>(const Layout&, const T*, const U*, const U*, \
+                                               const U*, const U*, const T*,                \
+                                               const ForwardArgs&, T*, U*, U*, U*,          \
+                                               const ParallelFor&);                         \
+  template void BatchNormBackwardEpilogue<T, U>(                                            \
+      const Layout&, const T*, const T*, const U*, const U*, const T*, const U*, const U*,  \
+      const U*, const U*, const U*, const ForwardArgs&, T*, T*, U*, U*, const ParallelFor&);
 
 TFBN_INSTANTIATE(Eigen::half, float)
 TFBN_INSTANTIATE(Eigen::bfloat16, float)

@@ -45,6 +45,27 @@ struct CpuKernels {
   void (*grad)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t e0,
                int64_t e1, const U* hi, const U* lo, const U* ga, const U* gb, const U* gc,
                bool stream);
+
+  // The fused epilogue, one entry per Activation (batch_norm.h), residual nullptr = none:
+  // z = ((x - hi) - lo) * a + b + residual, the forward's z bit for bit.
+  // y = act(z)
+  void (*affine_epilogue[4])(const T* x, const T* residual, T* y, int64_t C, int64_t inner,
+                             int64_t e0, int64_t e1, const U* hi, const U* lo, const U* a,
+                             const U* b, bool stream);
+  // The sums of grad_sums_* with dz = dy * act'(z) in place of dy; dz (nullptr: not
+  // wanted) receives dz itself (stream: with non-temporal stores where aligned).
+  void (*epilogue_sums_rows[4])(const T* dy, const T* x, const T* residual, int64_t C,
+                                int64_t r0, int64_t r1, const U* hi, const U* lo, const U* a,
+                                const U* b, double* s1, double* s2, T* dz, bool stream);
+  void (*epilogue_sums_planar[4])(const T* dy, const T* x, const T* residual, int64_t C,
+                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U hi, U lo,
+                                  U a, U b, double* s1, double* s2, T* dz, bool stream);
+  // dx = ga * dz + gb * ((x - hi) - lo) + gc (gb == nullptr: dx = ga * dz), z recomputed
+  // (the gradient without a dresidual output; with one, grad reads the stored dz).
+  void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx,
+                           int64_t C, int64_t inner, int64_t e0, int64_t e1, const U* hi,
+                           const U* lo, const U* a, const U* b, const U* ga, const U* gb,
+                           const U* gc, bool stream);
 };
 
 struct CpuKernelTable {

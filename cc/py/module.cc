@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -103,10 +104,34 @@ void CheckEpsilon(float epsilon) {
                                 std::to_string(epsilon));
 }
 
+// The epilogue's activation by name (the Python API's names; None is identity).
+Activation ParseActivation(const py::object& activation) {
+  if (activation.is_none()) return Activation::kIdentity;
+  const std::string name = py::str(activation);
+  if (name == "identity" || name == "linear") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "relu6") return Activation::kRelu6;
+  if (name == "silu" || name == "swish") return Activation::kSilu;
+  throw std::invalid_argument(
+      "tfbn: activation must be None, 'linear', 'identity', 'relu', 'relu6', 'silu' or "
+      "'swish', got activation=" + std::string(py::repr(activation)));
+}
+
+// The epilogue's residual: None, or an array of x's dtype and shape (made contiguous).
+std::optional<py::array> ResidualOf(const py::object& residual, const py::array& x) {
+  if (residual.is_none()) return std::nullopt;
+  py::array r = Contiguous(py::array::ensure(residual));
+  if (!r || !r.dtype().is(x.dtype()) || r.ndim() != x.ndim() ||
+      !std::equal(x.shape(), x.shape() + x.ndim(), r.shape()))
+    throw std::invalid_argument("tfbn: residual must have the dtype and shape of x");
+  return r;
+}
+
 template <typename T, typename U>
 py::tuple Forward(py::array x, const py::object& scale, const py::object& offset,
-                  const py::object& mean, const py::object& variance, int axis, float epsilon,
-                  bool training, int threads) {
+                  const py::object& mean, const py::object& variance,
+                  const std::optional<py::array>& residual,
+                  Activation activation, int axis, float epsilon, bool training, int threads) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
@@ -116,13 +141,15 @@ py::tuple Forward(py::array x, const py::object& scale, const py::object& offset
   py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   py::array_t<U> bm(C), bv(C), reserve(C);
   const T* xp = static_cast<const T*>(x.data());
+  const T* resp = residual ? static_cast<const T*>(residual->data()) : nullptr;
   T* yp = static_cast<T*>(y.mutable_data());
   const U *sp = PtrOrNull(s), *op = PtrOrNull(o), *mp = PtrOrNull(mu), *vp = PtrOrNull(var);
   U *bmp = bm.mutable_data(), *bvp = bv.mutable_data(), *rp = reserve.mutable_data();
   {
     py::gil_scoped_release release;
-    BatchNormForward<T, U>(layout, xp, sp, op, mp, vp, ForwardArgs{epsilon, training}, yp, bmp,
-                           bvp, rp, ThreadsFor(threads));
+    BatchNormForwardEpilogue<T, U>(layout, xp, sp, op, mp, vp, resp,
+                                   ForwardArgs{epsilon, training, activation}, yp, bmp, bvp, rp,
+                                   ThreadsFor(threads));
   }
   return py::make_tuple(y, bm, bv, reserve);
 }
@@ -130,8 +157,10 @@ py::tuple Forward(py::array x, const py::object& scale, const py::object& offset
 template <typename T, typename U>
 py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py::object& mean,
                    const py::object& variance, const py::object& reserve,
-                   const py::object& d_batch_mean, const py::object& d_batch_variance, int axis,
-                   float epsilon, bool training, int threads) {
+                   const py::object& d_batch_mean, const py::object& d_batch_variance,
+                   const py::object& offset, const std::optional<py::array>& residual,
+                   Activation activation,
+                   int axis, float epsilon, bool training, int threads) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
@@ -140,49 +169,60 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
   auto res = ChannelVector<U>(reserve, "reserve", C, true);
   auto dm = ChannelVector<U>(d_batch_mean, "d_batch_mean", C, true);
   auto dv = ChannelVector<U>(d_batch_variance, "d_batch_variance", C, true);
-  py::array dx(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  auto o = ChannelVector<U>(offset, "offset", C, true);
+  const std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  py::array dx(x.dtype(), shape);
+  py::array dres(x.dtype(), residual ? shape : std::vector<py::ssize_t>{0});
   py::array_t<U> dscale(C), doffset(C);
   const T* dyp = static_cast<const T*>(dy.data());
   const T* xp = static_cast<const T*>(x.data());
   T* dxp = static_cast<T*>(dx.mutable_data());
   const U *sp = PtrOrNull(s), *mp = mu.data(), *vp = var.data(), *rp = PtrOrNull(res),
-          *dmp = PtrOrNull(dm), *dvp = PtrOrNull(dv);
+          *dmp = PtrOrNull(dm), *dvp = PtrOrNull(dv), *offp = PtrOrNull(o);
+  const T* resp = residual ? static_cast<const T*>(residual->data()) : nullptr;
+  T* dresp = residual ? static_cast<T*>(dres.mutable_data()) : nullptr;
   U *dsp = dscale.mutable_data(), *dop = doffset.mutable_data();
   {
     py::gil_scoped_release release;
-    BatchNormBackward<T, U>(layout, dyp, xp, sp, mp, rp, vp, dmp, dvp,
-                            ForwardArgs{epsilon, training}, dxp, dsp, dop, ThreadsFor(threads));
+    BatchNormBackwardEpilogue<T, U>(layout, dyp, xp, sp, offp, resp, mp, rp, vp, dmp, dvp,
+                                    ForwardArgs{epsilon, training, activation}, dxp, dresp, dsp,
+                                    dop, ThreadsFor(threads));
   }
+  if (residual) return py::make_tuple(dx, dscale, doffset, dres);
   return py::make_tuple(dx, dscale, doffset);
 }
 
 py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& offset,
                      const py::object& mean, const py::object& variance, int axis,
-                     float epsilon, bool training, int threads) {
+                     float epsilon, bool training, int threads, const py::object& residual,
+                     const py::object& activation) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
+  const Activation act = ParseActivation(activation);
+  const auto res = ResidualOf(residual, x);
   switch (KindOf(x, "x")) {
     case Kind::kHalf:
-      return Forward<Eigen::half, float>(x, scale, offset, mean, variance, axis, epsilon,
-                                         training, threads);
+      return Forward<Eigen::half, float>(x, scale, offset, mean, variance, res, act, axis,
+                                         epsilon, training, threads);
     case Kind::kBFloat16:
-      return Forward<Eigen::bfloat16, float>(x, scale, offset, mean, variance, axis, epsilon,
-                                             training, threads);
+      return Forward<Eigen::bfloat16, float>(x, scale, offset, mean, variance, res, act, axis,
+                                             epsilon, training, threads);
     case Kind::kFloat:
-      return Forward<float, float>(x, scale, offset, mean, variance, axis, epsilon, training,
-                                   threads);
+      return Forward<float, float>(x, scale, offset, mean, variance, res, act, axis, epsilon,
+                                   training, threads);
     case Kind::kDouble:
       break;
   }
-  return Forward<double, double>(x, scale, offset, mean, variance, axis, epsilon, training,
-                                 threads);
+  return Forward<double, double>(x, scale, offset, mean, variance, res, act, axis, epsilon,
+                                 training, threads);
 }
 
 py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
                       const py::object& mean, const py::object& variance,
                       const py::object& reserve, const py::object& d_batch_mean,
                       const py::object& d_batch_variance, int axis, float epsilon,
-                      bool training, int threads) {
+                      bool training, int threads, const py::object& offset,
+                      const py::object& residual, const py::object& activation) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
   dy = Contiguous(dy);
@@ -190,22 +230,27 @@ py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
   if (KindOf(dy, "dy") != kind || dy.ndim() != x.ndim() ||
       !std::equal(x.shape(), x.shape() + x.ndim(), dy.shape()))
     throw std::invalid_argument("tfbn: dy must have the dtype and shape of x");
+  const Activation act = ParseActivation(activation);
+  const auto res = ResidualOf(residual, x);
   switch (kind) {
     case Kind::kHalf:
       return Backward<Eigen::half, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
-                                          d_batch_variance, axis, epsilon, training, threads);
+                                          d_batch_variance, offset, res, act, axis, epsilon,
+                                          training, threads);
     case Kind::kBFloat16:
       return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, reserve,
-                                              d_batch_mean, d_batch_variance, axis, epsilon,
-                                              training, threads);
+                                              d_batch_mean, d_batch_variance, offset, res, act,
+                                              axis, epsilon, training, threads);
     case Kind::kFloat:
       return Backward<float, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
-                                    d_batch_variance, axis, epsilon, training, threads);
+                                    d_batch_variance, offset, res, act, axis, epsilon, training,
+                                    threads);
     case Kind::kDouble:
       break;
   }
   return Backward<double, double>(dy, x, scale, mean, variance, reserve, d_batch_mean,
-                                  d_batch_variance, axis, epsilon, training, threads);
+                                  d_batch_variance, offset, res, act, axis, epsilon, training,
+                                  threads);
 }
 
 // Streaming copy of src into dst on `threads` threads, with the kernels' non-temporal
@@ -228,14 +273,19 @@ PYBIND11_MODULE(_core, m) {
         py::arg("offset") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::kw_only(), py::arg("axis") = -1,
         py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("threads") = 0,
-        "Returns (y, batch_mean, batch_variance, reserve).");
+        py::arg("residual") = py::none(), py::arg("activation") = py::none(),
+        "Returns (y, batch_mean, batch_variance, reserve); with residual and/or activation, "
+        "y = activation(BN(x) + residual).");
   m.def("batch_norm_backward", &tfbn::BackwardAny, py::arg("dy"), py::arg("x"),
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("reserve") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
         py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f,
-        py::arg("training") = true, py::arg("threads") = 0,
-        "Returns (dx, dscale, doffset).");
+        py::arg("training") = true, py::arg("threads") = 0, py::arg("offset") = py::none(),
+        py::arg("residual") = py::none(), py::arg("activation") = py::none(),
+        "Returns (dx, dscale, doffset), and dresidual last where residual is given. The "
+        "epilogue's gradient recomputes its input from x, the statistics, scale, offset and "
+        "residual.");
   m.def("stream_copy", &tfbn::StreamCopyBuffers, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
   m.def("cpu_instruction_set", &tfbn::CpuInstructionSet,

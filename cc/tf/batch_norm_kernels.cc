@@ -28,15 +28,20 @@ class BatchNormOp : public BatchNormOpBase {
     OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
     Tensor *y, *batch_mean, *batch_variance, *reserve;
     const TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    // y may take over x's or the residual's buffer: every element is read before written.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            has_residual_ ? std::initializer_list<int>{0, 5}
+                                          : std::initializer_list<int>{0},
+                            0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, channels, &reserve));
-    BatchNormForward<T, U>(layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
-                           DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
-                           DataOrNull<U>(ctx->input(4)), args_, y->flat<T>().data(),
-                           batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
-                           reserve->flat<U>().data(), IntraOpParallelFor(ctx));
+    BatchNormForwardEpilogue<T, U>(
+        layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)), DataOrNull<U>(ctx->input(2)),
+        DataOrNull<U>(ctx->input(3)), DataOrNull<U>(ctx->input(4)),
+        has_residual_ ? ctx->input(5).flat<T>().data() : nullptr, args_, y->flat<T>().data(),
+        batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
+        reserve->flat<U>().data(), IntraOpParallelFor(ctx));
   }
 };
 
@@ -50,17 +55,40 @@ class BatchNormGradOp : public BatchNormOpBase {
     const Tensor& x = ctx->input(1);
     Layout layout;
     OP_REQUIRES_OK(ctx, PrepareBackward(ctx, &layout));
-    Tensor *dx, *dscale, *doffset;
+    Tensor *dx, *dscale, *doffset, *dresidual = nullptr;
     const TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
+    // With identity, dresidual is dy itself (dz = dy): the output shares dy's buffer, so dx
+    // must not take it over.
+    const bool alias_dy = has_residual_ && args_.activation == Activation::kIdentity;
+    // Outputs take over inputs no one else holds (a real network's dy, often x): each
+    // element is read before it is written (dresidual by the sums pass over dy and the
+    // residual, dx by the last pass over x, dy or dresidual).
+    if (alias_dy) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x.shape(), &dx));
+      ctx->set_output(3, dy);
+    } else if (has_residual_) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 9}, 3, x.shape(),
+                                                                &dresidual));
+      const bool took_dy = dresidual->data() == dy.data();
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                              took_dy ? std::initializer_list<int>{1}
+                                      : std::initializer_list<int>{0, 1},
+                              0, x.shape(), &dx));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 1}, 0, x.shape(), &dx));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({0}), &dresidual));
+    }
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
-    BatchNormBackward<T, U>(layout, dy.flat<T>().data(), x.flat<T>().data(),
-                            DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
-                            DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(),
-                            DataOrNull<U>(ctx->input(6)), DataOrNull<U>(ctx->input(7)), args_,
-                            dx->flat<T>().data(), dscale->flat<U>().data(),
-                            doffset->flat<U>().data(), IntraOpParallelFor(ctx));
+    const bool residual_in = has_residual_ && !alias_dy;
+    BatchNormBackwardEpilogue<T, U>(
+        layout, dy.flat<T>().data(), x.flat<T>().data(), DataOrNull<U>(ctx->input(2)),
+        DataOrNull<U>(ctx->input(8)), residual_in ? ctx->input(9).flat<T>().data() : nullptr,
+        ctx->input(3).flat<U>().data(), DataOrNull<U>(ctx->input(5)),
+        ctx->input(4).flat<U>().data(), DataOrNull<U>(ctx->input(6)),
+        DataOrNull<U>(ctx->input(7)), args_, dx->flat<T>().data(),
+        residual_in ? dresidual->flat<T>().data() : nullptr, dscale->flat<U>().data(),
+        doffset->flat<U>().data(), IntraOpParallelFor(ctx));
   }
 };
 

@@ -92,11 +92,13 @@ class BatchNormGradGpuOp : public BatchNormOpBase {
     const Tensor& x = ctx->input(1);
     Layout layout;
     OP_REQUIRES_OK(ctx, PrepareBackward(ctx, &layout));
-    Tensor *dx, *dscale, *doffset;
+    Tensor *dx, *dscale, *doffset, *dresidual;
     const TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
+    // Registered for has_residual = false only: dresidual is the empty placeholder.
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({0}), &dresidual));
     const size_t bytes = cuda::BackwardWorkspaceBytes(kDType<T>, layout);
     Tensor workspace;
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
@@ -111,16 +113,22 @@ class BatchNormGradGpuOp : public BatchNormOpBase {
   }
 };
 
+// The epilogue (activation, residual) has CPU kernels only so far: these kernels take the
+// plain op alone, so TensorFlow places an op with an epilogue on the CPU.
 #define TFBN_REGISTER_GPU(T, U)                                                  \
   REGISTER_KERNEL_BUILDER(Name("TfbnBatchNorm")                                  \
                               .Device(tensorflow::DEVICE_GPU)                    \
                               .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U"),                           \
+                              .TypeConstraint<U>("U")                            \
+                              .AttrConstraint("activation", "identity")          \
+                              .AttrConstraint("has_residual", false),            \
                           BatchNormGpuOp<T, U>);                                 \
   REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGrad")                              \
                               .Device(tensorflow::DEVICE_GPU)                    \
                               .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U"),                           \
+                              .TypeConstraint<U>("U")                            \
+                              .AttrConstraint("activation", "identity")          \
+                              .AttrConstraint("has_residual", false),            \
                           BatchNormGradGpuOp<T, U>);
 
 TFBN_REGISTER_GPU(Eigen::half, float)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 #include "core/batch_norm.h"
@@ -23,6 +24,18 @@ inline Layout MakeLayout(const tensorflow::TensorShape& shape, int axis) {
 template <typename U>
 const U* DataOrNull(const tensorflow::Tensor& t) {
   return t.NumElements() == 0 ? nullptr : t.flat<U>().data();
+}
+
+// The activation attribute's values (the op definition allows these only).
+inline absl::Status ParseActivation(const std::string& name, Activation* activation) {
+  static const char* const kNames[kNumActivations] = {"identity", "relu", "relu6", "silu"};
+  for (int i = 0; i < kNumActivations; ++i)
+    if (name == kNames[i]) {
+      *activation = static_cast<Activation>(i);
+      return absl::OkStatus();
+    }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "tfbn: activation must be identity, relu, relu6 or silu, got activation = ", name));
 }
 
 // dy must have x's shape (the gradient ops).
@@ -48,6 +61,13 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     if (ctx->HasAttr("has_scale")) OP_REQUIRES_OK(ctx, ctx->GetAttr("has_scale", &has_scale_));
     if (ctx->HasAttr("has_offset"))
       OP_REQUIRES_OK(ctx, ctx->GetAttr("has_offset", &has_offset_));
+    if (ctx->HasAttr("activation")) {
+      std::string activation;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
+      OP_REQUIRES_OK(ctx, ParseActivation(activation, &args_.activation));
+    }
+    if (ctx->HasAttr("has_residual"))
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("has_residual", &has_residual_));
   }
 
  protected:
@@ -69,10 +89,26 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     return absl::OkStatus();
   }
 
+  // The epilogue's residual input: x's shape where has_residual, else empty.
+  absl::Status CheckResidualInput(const tensorflow::Tensor& residual,
+                                  const tensorflow::Tensor& x) const {
+    if (has_residual_ ? residual.shape() == x.shape()
+                      : residual.dims() == 1 && residual.dim_size(0) == 0)
+      return absl::OkStatus();
+    if (!has_residual_)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tfbn: residual must be empty ([0]) where has_residual is false, got shape ",
+          residual.shape().DebugString()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tfbn: residual must have the shape of x ", x.shape().DebugString(),
+        ", got residual of shape ", residual.shape().DebugString()));
+  }
+
   // The forward's checks; returns the layout of x.
   absl::Status PrepareForward(tensorflow::OpKernelContext* ctx, Layout* layout) const {
     static const char* const kNames[] = {"scale", "offset", "mean", "variance"};
     const bool training = args_.training;
+    TF_RETURN_IF_ERROR(CheckResidualInput(ctx->input(5), ctx->input(0)));
     return Prepare(ctx, ctx->input(0),
                    {{1, !has_scale_}, {2, !has_offset_}, {3, training}, {4, training}}, kNames,
                    layout);
@@ -83,9 +119,13 @@ class BatchNormOpBase : public tensorflow::OpKernel {
     const tensorflow::Tensor& dy = ctx->input(0);
     const tensorflow::Tensor& x = ctx->input(1);
     TF_RETURN_IF_ERROR(CheckSameShape(dy, x));
-    static const char* const kNames[] = {"scale",   "mean",         "variance",
-                                         "reserve", "d_batch_mean", "d_batch_variance"};
-    return Prepare(ctx, x, {{2, true}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}},
+    TF_RETURN_IF_ERROR(CheckResidualInput(ctx->input(9), x));
+    static const char* const kNames[] = {"scale",        "mean",
+                                         "variance",     "reserve",
+                                         "d_batch_mean", "d_batch_variance",
+                                         "offset"};
+    return Prepare(ctx, x,
+                   {{2, true}, {3, false}, {4, false}, {5, true}, {6, true}, {7, true}, {8, true}},
                    kNames, layout);
   }
 
@@ -93,6 +133,7 @@ class BatchNormOpBase : public tensorflow::OpKernel {
   int axis_attr_;
   bool has_scale_ = false;
   bool has_offset_ = false;
+  bool has_residual_ = false;
 };
 
 }  // namespace tfbn

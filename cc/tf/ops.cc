@@ -54,6 +54,26 @@ absl::Status MergeChannelVector(InferenceContext* c, int index, const char* name
   return absl::OkStatus();
 }
 
+// The epilogue's residual (input `index`): x's shape where has_residual, else empty [0].
+absl::Status CheckResidual(InferenceContext* c, int index, ShapeHandle x) {
+  bool has_residual;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_residual", &has_residual));
+  ShapeHandle residual = c->input(index);
+  if (!has_residual) {
+    if (!c->RankKnown(residual)) return absl::OkStatus();
+    const bool empty = c->Rank(residual) == 1 && c->Value(c->Dim(residual, 0)) <= 0;
+    if (empty) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tfbn: residual must be empty ([0]) where has_residual is false, got shape ",
+        c->DebugString(residual)));
+  }
+  ShapeHandle merged;
+  if (c->Merge(x, residual, &merged).ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("tfbn: residual must have the shape of x ",
+                                                 c->DebugString(x), ", got residual of shape ",
+                                                 c->DebugString(residual)));
+}
+
 absl::Status ForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckAttrs(c));
   bool training;
@@ -69,6 +89,7 @@ absl::Status ForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 2, "offset", !has_offset, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 3, "mean", training, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 4, "variance", training, axis, x, &channels));
+  TF_RETURN_IF_ERROR(CheckResidual(c, 5, x));
   c->set_output(0, x);
   for (int i = 1; i < 4; ++i) c->set_output(i, c->Vector(channels));
   return absl::OkStatus();
@@ -91,9 +112,14 @@ absl::Status BackwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 5, "reserve", true, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 6, "d_batch_mean", true, axis, x, &channels));
   TF_RETURN_IF_ERROR(MergeChannelVector(c, 7, "d_batch_variance", true, axis, x, &channels));
+  TF_RETURN_IF_ERROR(MergeChannelVector(c, 8, "offset", true, axis, x, &channels));
+  TF_RETURN_IF_ERROR(CheckResidual(c, 9, x));
+  bool has_residual;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_residual", &has_residual));
   c->set_output(0, x);
   c->set_output(1, c->Vector(channels));
   c->set_output(2, c->Vector(channels));
+  c->set_output(3, has_residual ? x : c->Vector(0));
   return absl::OkStatus();
 }
 
@@ -105,6 +131,7 @@ REGISTER_OP("TfbnBatchNorm")
     .Input("offset: U")    // empty means 0 where has_offset is false
     .Input("mean: U")      // inference statistics; empty (or ignored) in training
     .Input("variance: U")
+    .Input("residual: T")  // x's shape where has_residual, else empty [0]
     .Output("y: T")
     .Output("batch_mean: U")
     .Output("batch_variance: U")  // biased
@@ -116,8 +143,11 @@ REGISTER_OP("TfbnBatchNorm")
     .Attr("is_training: bool = true")
     .Attr("has_scale: bool = false")   // true: scale must have C entries
     .Attr("has_offset: bool = false")  // true: offset must have C entries
+    .Attr("activation: {'identity', 'relu', 'relu6', 'silu'} = 'identity'")
+    .Attr("has_residual: bool = false")
     .SetShapeFn(ForwardShape)
-    .Doc("Fused Batch Normalization over any channel axis of an input of rank >= 2.");
+    .Doc("Fused Batch Normalization over any channel axis of an input of rank >= 2, with an "
+         "optional epilogue: y = activation(normalized x * scale + offset + residual).");
 
 REGISTER_OP("TfbnBatchNormGrad")
     .Input("dy: T")
@@ -128,15 +158,21 @@ REGISTER_OP("TfbnBatchNormGrad")
     .Input("reserve: U")   // the forward's reserve output, or empty (zero)
     .Input("d_batch_mean: U")      // gradients of the forward's statistics outputs,
     .Input("d_batch_variance: U")  // or empty (zero); used in training only
+    .Input("offset: U")    // empty means 0; the epilogue recomputes z from it
+    .Input("residual: T")  // x's shape where has_residual, else empty [0]
     .Output("dx: T")
     .Output("dscale: U")
     .Output("doffset: U")
+    .Output("dresidual: T")  // dz = dy * act'(z) where has_residual, else empty [0]
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("U: {float, double}")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
     .Attr("is_training: bool = true")
+    .Attr("activation: {'identity', 'relu', 'relu6', 'silu'} = 'identity'")
+    .Attr("has_residual: bool = false")
     .SetShapeFn(BackwardShape)
-    .Doc("Gradient of TfbnBatchNorm with respect to x, scale and offset.");
+    .Doc("Gradient of TfbnBatchNorm with respect to x, scale, offset and residual; z is "
+         "recomputed from x, the statistics, scale, offset and residual.");
 
 }  // namespace tfbn

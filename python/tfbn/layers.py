@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from . import distributed, split
-from .ops import _check_epsilon, batch_norm, param_dtype
+from .ops import _check_epsilon, apply_activation, batch_norm, canonical_activation, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -33,10 +33,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
     (Keras' masked path uses each replica's own). Masks with a channel axis other than
     the last (where Keras' mask broadcast gives every channel its own weights), a
     tensor-valued `training` and rank-1 inputs run Keras' own implementation.
+
+    Fused epilogue: `activation` (None, 'linear', 'relu', 'relu6', 'silu' or 'swish')
+    and `call(..., residual=shortcut)` give `activation(BN(inputs) + residual)` in one
+    op (a ResNet block's tail); the residual is cast to the layer's compute dtype. Where
+    the split kernels (renorm, masks) or Keras' own math run, the add and the activation
+    follow them as TensorFlow ops.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # Refuses unknown names; None, "linear" and "identity" are all stored as None.
+        if canonical_activation(activation, "tfbn.BatchNormalization") == "identity":
+            activation = None
+        self.activation = activation
         # No XLA lowering in this build: keep Keras' jit_compile="auto" from turning XLA on.
         self.supports_jit = False
 
@@ -49,17 +59,30 @@ class BatchNormalization(keras.layers.BatchNormalization):
         masked = mask is not None and training and self.trainable
         return not masked or self.axis in (-1, rank - 1)
 
-    def call(self, inputs, training=None, mask=None):
+    def get_config(self):
+        # Only where used: the config of a layer without an epilogue stays Keras' own.
+        config = super().get_config()
+        if self.activation is not None:
+            config["activation"] = self.activation
+        return config
+
+    def call(self, inputs, training=None, mask=None, residual=None):
         inputs = tf.convert_to_tensor(inputs)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
                 "The mask provided should be one dimension less than the inputs. "
                 f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
+        activation = canonical_activation(self.activation)
         if not self._fused_applies(inputs, training, mask):
-            return super().call(inputs, training=training, mask=mask)
+            outputs = super().call(inputs, training=training, mask=mask)
+            if residual is not None:
+                outputs = outputs + tf.cast(residual, outputs.dtype)
+            return apply_activation(outputs, activation)
         if inputs.dtype not in _FUSED_DTYPES:
             inputs = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        if residual is not None:
+            residual = tf.cast(residual, inputs.dtype)
         dtype = param_dtype(inputs.dtype)
         gamma = tf.cast(self.gamma, dtype) if self.scale else None
         beta = tf.cast(self.beta, dtype) if self.center else None
@@ -67,10 +90,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
         moving_variance = tf.cast(self.moving_variance, dtype)
         if training and self.trainable and (self.renorm or mask is not None):
             outputs = self._split_call(inputs, gamma, beta, mask, dtype)
+            if residual is not None:
+                outputs = outputs + residual
+            outputs = apply_activation(outputs, activation)
         elif training and self.trainable:
             outputs, mean, variance = batch_norm(
                 inputs, gamma, beta, axis=self.axis, epsilon=self.epsilon, training=True,
-                synchronized=self.synchronized,
+                synchronized=self.synchronized, residual=residual, activation=activation,
             )
             # Keras' update rule; channels whose batch statistics are not finite (empty
             # batch, inf/nan data) keep their moving statistics.
@@ -89,6 +115,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 axis=self.axis,
                 epsilon=self.epsilon,
                 training=False,
+                residual=residual,
+                activation=activation,
             )
         return tf.cast(outputs, self.compute_dtype)
 

@@ -44,6 +44,49 @@ def _check_epsilon(epsilon):
     return eps
 
 
+# The fused epilogue's activations: accepted names -> the op's attribute value.
+_ACTIVATIONS = {
+    None: "identity", "linear": "identity", "identity": "identity", "relu": "relu",
+    "relu6": "relu6", "silu": "silu", "swish": "silu",
+}
+
+
+def canonical_activation(activation, where="tfbn.batch_norm"):
+    """The op's name for `activation` (None, 'linear' and 'identity' are 'identity';
+    'swish' is Keras' name for 'silu'); a clear ValueError for anything else."""
+    if activation is None or (isinstance(activation, str) and activation in _ACTIVATIONS):
+        return _ACTIVATIONS[activation]
+    raise ValueError(
+        f"{where}: activation must be None, 'linear', 'identity', 'relu', 'relu6', 'silu' "
+        f"or 'swish', got activation={activation!r}"
+    )
+
+
+def apply_activation(z, activation):
+    """TensorFlow's own op for `activation` (a canonical name): the composite epilogue.
+    identity returns z itself (no op)."""
+    if activation == "identity":
+        return z
+    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "silu": tf.nn.silu}[activation](z)
+
+
+def _check_residual(residual, x):
+    if residual is None:
+        return None
+    residual = tf.convert_to_tensor(residual)
+    if residual.dtype != x.dtype:
+        raise TypeError(
+            f"tfbn.batch_norm: residual must have x's dtype {x.dtype.name}, got residual of "
+            f"dtype {residual.dtype.name}"
+        )
+    if not residual.shape.is_compatible_with(x.shape):
+        raise ValueError(
+            f"tfbn.batch_norm: residual must have the shape of x {x.shape}, got residual of "
+            f"shape {residual.shape}"
+        )
+    return residual
+
+
 def _check_param(value, name, x, dtype):
     if value is None:
         return None
@@ -67,6 +110,8 @@ def batch_norm(
     epsilon=1e-3,
     training=True,
     synchronized=False,
+    residual=None,
+    activation=None,
     name=None,
 ):
     """Fused Batch Normalization over channel `axis` of `x` (rank >= 2).
@@ -82,6 +127,15 @@ def batch_norm(
     tf.distribute strategy with several replicas, normalizes with the statistics of the
     global batch (all replicas' slices together) and returns those; see
     `tfbn.distributed`. Elsewhere it is the same as `synchronized=False`.
+
+    Fused epilogue: `y = activation(BN(x) + residual)` in one pass, computed in the
+    statistics' precision and rounded to x's dtype once. `residual` (None: no residual)
+    has x's dtype and shape; `activation` is None (same as 'linear' / 'identity'),
+    'relu', 'relu6' or 'silu' ('swish'). The gradient recomputes the pre-activation from
+    x and the statistics, so nothing beyond the outputs is stored; it returns a gradient
+    for `residual` too. The batch statistics returned are those of x. With
+    `synchronized=True` under a strategy the epilogue runs as TensorFlow ops after the
+    synchronized normalization.
     """
     with tf.name_scope(name or "tfbn_batch_norm"):
         x = tf.convert_to_tensor(x)
@@ -99,6 +153,8 @@ def batch_norm(
             raise TypeError(f"tfbn.batch_norm: axis must be an int, got axis={axis!r}")
         axis = int(axis)
         eps = _check_epsilon(epsilon)
+        activation = canonical_activation(activation)
+        residual = _check_residual(residual, x)
         dtype = param_dtype(x.dtype)
         scale = _check_param(scale, "scale", x, dtype)
         offset = _check_param(offset, "offset", x, dtype)
@@ -125,9 +181,12 @@ def batch_norm(
 
             ctx = distributed.replica_context()
             if ctx is not None:
-                return distributed.sync_batch_norm(
+                y, batch_mean, batch_variance = distributed.sync_batch_norm(
                     x, scale, offset, axis=axis, epsilon=eps, ctx=ctx
                 )
+                if residual is not None:
+                    y = y + residual
+                return apply_activation(y, activation), batch_mean, batch_variance
         # A missing scale/offset goes to the op as an empty vector (read as 1/0); a given
         # one must have C entries (has_scale/has_offset tell the op which is which).
         has_scale, has_offset = scale is not None, offset is not None
@@ -136,15 +195,20 @@ def batch_norm(
         offset = empty if offset is None else offset
         if training:  # the op ignores given statistics in training
             mean = variance = empty
+        has_residual = residual is not None
         y, batch_mean, batch_variance, _ = _ops.tfbn_batch_norm(
-            x, scale, offset, mean, variance, epsilon=eps, axis=axis, is_training=training,
-            has_scale=has_scale, has_offset=has_offset,
+            x, scale, offset, mean, variance, residual if has_residual else _empty(x.dtype),
+            epsilon=eps, axis=axis, is_training=training, has_scale=has_scale,
+            has_offset=has_offset, activation=activation, has_residual=has_residual,
         )
         return y, batch_mean, batch_variance
 
 
 def _attrs(op):
-    return {k: op.get_attr(k) for k in ("epsilon", "axis", "is_training")}
+    keys = ("epsilon", "axis", "is_training", "activation", "has_residual")
+    attrs = {k: op.get_attr(k) for k in keys}
+    attrs["activation"] = tf.compat.as_str(attrs["activation"])
+    return attrs
 
 
 def _zeros_if_none(grad, like):
@@ -158,8 +222,9 @@ def _present(v):
 
 @tf.RegisterGradient("TfbnBatchNorm")
 def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
-    x, scale, offset, mean, variance = op.inputs
+    x, scale, offset, mean, variance, residual = op.inputs
     attrs = _attrs(op)
+    keep_dresidual = attrs["has_residual"]
     # A missing scale/offset (an empty one standing for 1/0) gets no gradient.
     keep_dscale = op.get_attr("has_scale")
     keep_doffset = op.get_attr("has_offset")
@@ -167,16 +232,16 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     empty = _empty(scale.dtype)
     if attrs["is_training"]:
         # The op's statistics outputs depend on x: their gradients are folded into dx.
-        dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
+        dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
             dy, x, scale, op.outputs[1], op.outputs[2], op.outputs[3],
             empty if d_batch_mean is None else d_batch_mean,
             empty if d_batch_variance is None else d_batch_variance,
-            **attrs,
+            offset, residual, **attrs,
         )
         return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
-                None, None)
-    dx, dscale, doffset = _ops.tfbn_batch_norm_grad(
-        dy, x, scale, mean, variance, empty, empty, empty, **attrs
+                None, None, dresidual if keep_dresidual else None)
+    dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
+        dy, x, scale, mean, variance, empty, empty, empty, offset, residual, **attrs
     )
     # y = (x - mean) * r * scale + offset with r = rsqrt(variance + eps); the statistics
     # outputs are the inputs passed through.
@@ -189,7 +254,7 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     if d_batch_variance is not None:
         dvariance += d_batch_variance
     return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
-            dmean, dvariance)
+            dmean, dvariance, dresidual if keep_dresidual else None)
 
 
 def _as_3d(t, axis):
@@ -200,11 +265,27 @@ def _as_3d(t, axis):
     return tf.reshape(t, tf.stack([outer, shape[axis], inner]))
 
 
-def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, axis, training):
+def _activation_grad(dy, z, activation):
+    """dy * act'(z) as differentiable TensorFlow ops, with TensorFlow's conventions at the
+    kinks (relu: dy where z > 0; relu6: where 0 < z < 6)."""
+    zero = tf.zeros_like(dy)
+    if activation == "relu":
+        return tf.where(z > 0, dy, zero)
+    if activation == "relu6":
+        return tf.where((z > 0) & (z < 6), dy, zero)
+    if activation == "silu":
+        s = tf.sigmoid(z)
+        return dy * s * (1 + z * (1 - s))
+    return dy
+
+
+def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, axis, training,
+                        offset=None, residual=None, activation="identity"):
     """The backward formula as differentiable TensorFlow ops (for second-order grads).
 
     In training, mean and variance are recomputed from x so that their dependence on x
-    is part of the derivative.
+    is part of the derivative. With an epilogue, z = BN(x) + residual is recomputed too
+    and dz = dy * act'(z) takes dy's place; the fourth output is dresidual = dz.
     """
     dtype = mean.dtype
     x3 = _as_3d(tf.cast(x, dtype), axis)
@@ -220,6 +301,14 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
     sr = r if scale is None else scale * r
     xc = x3 - col(mean)
     xhat = xc * col(r)
+    if activation != "identity":
+        z3 = xc * col(sr)
+        if offset is not None:
+            z3 += col(offset)
+        if residual is not None:
+            z3 += _as_3d(tf.cast(residual, dtype), axis)
+        dy3 = _activation_grad(dy3, z3, activation)
+    dresidual = tf.cast(tf.reshape(dy3, tf.shape(x)), x.dtype)
     doffset = tf.reduce_sum(dy3, axis=[0, 2])
     dscale = tf.reduce_sum(dy3 * xhat, axis=[0, 2])
     if training:
@@ -232,14 +321,15 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
     else:
         dx3 = col(sr) * dy3
     dx = tf.cast(tf.reshape(dx3, tf.shape(x)), x.dtype)
-    return dx, dscale, doffset
+    return dx, dscale, doffset, dresidual
 
 
 @tf.RegisterGradient("TfbnBatchNormGrad")
-def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset):
-    dy, x, scale, mean, variance, _reserve, d_mean, d_var = op.inputs
+def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset, ddresidual):
+    dy, x, scale, mean, variance, _reserve, d_mean, d_var, offset, residual = op.inputs
     attrs = _attrs(op)
     training = attrs["is_training"]
+    activation = attrs["activation"]
     axis = attrs["axis"]
     if x.shape.rank is None:
         raise ValueError("tfbn: second-order gradients need x of known rank")
@@ -247,23 +337,37 @@ def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset):
         axis += x.shape.rank
     d_mean, d_var = (_present(d_mean), _present(d_var)) if training else (None, None)
     scale = _present(scale)
+    offset = _present(offset)
+    residual = residual if attrs["has_residual"] else None
+    extra = [v for v in (offset, residual) if v is not None]
     sources = [dy, x] + ([scale] if scale is not None else [])
     if training:
         sources += [v for v in (d_mean, d_var) if v is not None]
     else:
         sources += [mean, variance]
+    sources += extra
     with tf.GradientTape() as tape:
         tape.watch(sources)
-        outputs = _composite_backward(
-            dy, x, scale, mean, variance, d_mean, d_var, attrs["epsilon"], axis, training
+        dx, dscale, doffset, dresidual = _composite_backward(
+            dy, x, scale, mean, variance, d_mean, d_var, attrs["epsilon"], axis, training,
+            offset=offset, residual=residual, activation=activation,
         )
-    upstream = [_zeros_if_none(g, o) for g, o in zip((ddx, ddscale, ddoffset), outputs)]
+    outputs = [dx, dscale, doffset]
+    upstream = [ddx, ddscale, ddoffset]
+    if residual is not None:
+        outputs.append(dresidual)
+        upstream.append(ddresidual)
+    upstream = [_zeros_if_none(g, o) for g, o in zip(upstream, outputs)]
     grads = iter(tape.gradient(outputs, sources, output_gradients=upstream))
     g_dy, g_x = next(grads), next(grads)
     g_scale = next(grads) if scale is not None else None
-    if not training:
-        return g_dy, g_x, g_scale, next(grads), next(grads), None, None, None
-    rest = grads
-    g_dmean = next(rest) if d_mean is not None else None
-    g_dvar = next(rest) if d_var is not None else None
-    return g_dy, g_x, g_scale, None, None, None, g_dmean, g_dvar
+    if training:
+        g_dmean = next(grads) if d_mean is not None else None
+        g_dvar = next(grads) if d_var is not None else None
+        g_mean = g_var = None
+    else:
+        g_mean, g_var = next(grads), next(grads)
+        g_dmean = g_dvar = None
+    g_offset = next(grads) if offset is not None else None
+    g_residual = next(grads) if residual is not None else None
+    return (g_dy, g_x, g_scale, g_mean, g_var, None, g_dmean, g_dvar, g_offset, g_residual)
