@@ -452,16 +452,34 @@ def test_layer_matches_keras_layer_then_add_and_activation(rng):
                                    atol=1e-6)
 
 
-def test_layer_fallback_applies_the_epilogue(rng):
-    """Where the layer runs Keras' own math (a mask), residual and activation still apply."""
-    x = rng.standard_normal((4, 7, 6)).astype(np.float32)
+@pytest.mark.parametrize("option", ["mask", "renorm", "renorm+mask"])
+def test_layer_split_path_applies_the_epilogue(rng, option):
+    """Renorm and masks train on the split kernels; residual and activation follow them,
+    with the same values and gradients as Keras' layer followed by add and activation."""
+    x = rng.standard_normal((4, 7, 6)).astype(np.float32) * 2 + 0.5
     r = rng.standard_normal((4, 7, 6)).astype(np.float32)
-    mask = np.ones((4, 7), bool)
-    layer = tfbn.BatchNormalization(activation="relu")
-    keras_bn = keras.layers.BatchNormalization()
-    got = layer(x, training=True, mask=mask, residual=r)
-    want = tf.nn.relu(keras_bn(x, training=True, mask=mask) + r)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    mask = rng.random((4, 7)) > 0.3 if "mask" in option else None
+    kwargs = dict(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.7, "dmax": 0.3},
+                  renorm_momentum=0.5) if "renorm" in option else {}
+    layer = tfbn.BatchNormalization(activation="relu", **kwargs)
+    keras_bn = keras.layers.BatchNormalization(**kwargs)
+    layer.build(x.shape)
+    keras_bn.build(x.shape)
+    xt, rt = tf.constant(x), tf.constant(r)
+    for step in range(2):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([xt, rt])
+            got = layer(xt, training=True, mask=mask, residual=rt)
+            want = tf.nn.relu(keras_bn(xt, training=True, mask=mask) + rt)
+            loss_got = tf.reduce_sum(got * got)
+            loss_want = tf.reduce_sum(want * want)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        for g, w in zip(tape.gradient(loss_got, [xt, rt, layer.gamma, layer.beta]),
+                        tape.gradient(loss_want, [xt, rt, keras_bn.gamma, keras_bn.beta])):
+            np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(layer.moving_mean, keras_bn.moving_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, keras_bn.moving_variance, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_layer_config_unchanged_without_epilogue():
