@@ -465,3 +465,34 @@ def test_weighted_statistics_of_many_channels_take_no_large_temporaries():
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     growth = int(out.stdout.split()[-1])
     assert growth < 96 << 20, f"peak memory grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 3), -1), ((4, 3, 16), 1)])
+@pytest.mark.parametrize("factor", [2.0**100, 2.0**120, 2.0**-100])
+def test_statistics_and_gradient_do_not_depend_on_the_weights_scale(shape, axis, factor, rng):
+    """Weights of any finite size are accepted: huge ones (whose products with the data
+    would overflow float, and whose sum in the gradient's denominators would leave float's
+    normal range) and tiny ones give the statistics and gradient of the same weights at
+    scale 1. (Subnormal weights count as 0: TensorFlow's kernels flush denormals.)"""
+    x = tf.constant(rng.normal(5.0, 1e4, shape).astype(np.float32))
+    dy = tf.constant(rng.normal(size=shape).astype(np.float32))
+    w = (rng.integers(32, 128, positions_shape(shape, axis)) / 64.0).astype(np.float32)
+    w.flat[3] = 0.0
+
+    def run(weights):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, mean, var = split.split_batch_norm(x, None, None, axis=axis, epsilon=1e-3,
+                                                  weights=weights)
+            loss = tf.reduce_sum(y * dy)
+        partial = _ops.tfbn_batch_norm_stats(x, weights, axis=axis).numpy()
+        return partial, [t.numpy() for t in (y, mean, var, tape.gradient(loss, x))]
+
+    scaled = (w.astype(np.float64) * factor).astype(np.float32)
+    assert np.array_equal(scaled.astype(np.float64) / factor, w)
+    (p1, got), (p0, want) = run(scaled), run(w)
+    np.testing.assert_allclose(p1[0], p0[0] * factor, rtol=1e-12)
+    np.testing.assert_allclose(p1[1], p0[1], rtol=1e-6)
+    np.testing.assert_allclose(p1[2], p0[2] * factor, rtol=1e-5)
+    for name, a, b in zip(["y", "mean", "variance", "dx"], got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
