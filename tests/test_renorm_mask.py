@@ -496,3 +496,32 @@ def test_statistics_and_gradient_do_not_depend_on_the_weights_scale(shape, axis,
     np.testing.assert_allclose(p1[2], p0[2] * factor, rtol=1e-5)
     for name, a, b in zip(["y", "mean", "variance", "dx"], got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("renorm,masked", [(True, False), (False, True), (True, True)])
+def test_second_order_gradients_match_keras(renorm, masked, rng):
+    """A gradient penalty (the gradient of a function of dx) through the layer with renorm
+    and/or a mask, as Keras' layer gives it (float64; Keras' masked mean divides by
+    count + 1e-7, a relative 1e-8 here)."""
+    shape = (6, 5, 3)
+    kwargs = dict(renorm=renorm, momentum=0.5)
+    if renorm:
+        kwargs["renorm_clipping"] = {"rmax": 1.5, "rmin": 0.8, "dmax": 0.4}
+    ours, theirs = twins(shape, "float64", **kwargs)
+    x = tf.constant(rng.normal(1.0, 2.0, shape))
+    cot = tf.constant(rng.normal(size=shape))
+    mask = tf.constant(rng.random(shape[:-1]) > 0.3) if masked else None
+
+    def penalty_grads(layer):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(tf.sin(y) * cot)
+            dx, *dw = inner.gradient(loss, [x] + layer.trainable_weights)
+            penalty = tf.reduce_sum(dx ** 2) + sum(tf.reduce_sum(g ** 3) for g in dw)
+        return [g.numpy() for g in outer.gradient(penalty, [x] + layer.trainable_weights)]
+
+    for a, b in zip(penalty_grads(ours), penalty_grads(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
