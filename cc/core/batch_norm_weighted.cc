@@ -226,7 +226,8 @@ TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w
   for (int64_t r = r0; r < r1; r += R) {
     const int64_t rows = std::min(R, r1 - r);
     if (R > 1)  // R * C <= kSeg
-      for (int64_t q = 0; q < rows; ++q) std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]) * wscale);
+      for (int64_t q = 0; q < rows; ++q)
+        std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]) * wscale);
     const int64_t span = R > 1 ? rows * C : C;
     for (int64_t c0 = 0; c0 < span; c0 += kSeg) {
       const int64_t m = std::min(kSeg, span - c0), e = r * C + c0;
