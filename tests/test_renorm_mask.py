@@ -444,12 +444,11 @@ def test_model_fit_with_renorm_and_masking_matches_keras(rng):
 
 STATS_MEMORY_PROBE = r"""
 import resource, sys
-import numpy as np
 import tensorflow as tf
 from tfbn._library import ops
 n, c = 64, 1 << 18  # 64 MiB of float32, many channels
-x = tf.constant(np.ones((n, c), np.float32))
-w = tf.constant(np.ones([n], np.float32))
+x = tf.ones([n, c])  # no host copy first: the peak so far is x itself
+w = tf.ones([n])
 _ = ops.tfbn_batch_norm_stats(x[:2, :8], w[:2]).numpy()  # load and warm up first
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 _ = ops.tfbn_batch_norm_stats(x, w).numpy()
@@ -459,12 +458,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def test_weighted_statistics_of_many_channels_take_no_large_temporaries():
     """The per-block partial sums of a wide channels-last x stay small next to x (64 MiB
-    here; 64 blocks of 3 * C doubles would be 384 MiB)."""
+    here; 8 blocks of 3 * C doubles are 48 MiB, 64 blocks would be 384 MiB)."""
     out = subprocess.run([sys.executable, "-c", STATS_MEMORY_PROBE], check=True,
                          capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     growth = int(out.stdout.split()[-1])
-    assert growth < 96 << 20, f"peak memory grew by {growth / 2**20:.0f} MiB"
+    assert growth < 128 << 20, f"peak memory grew by {growth / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("shape,axis", [((64, 3), -1), ((4, 3, 16), 1)])
