@@ -440,3 +440,87 @@ def test_model_fit_with_renorm_and_masking_matches_keras(rng):
     assert isinstance(ours.layers[2], tfbn.BatchNormalization)
     for a, b in zip(ours.weights, theirs.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+
+
+STATS_MEMORY_PROBE = r"""
+import resource, sys
+import tensorflow as tf
+from tfbn._library import ops
+n, c = 64, 1 << 18  # 64 MiB of float32, many channels
+x = tf.ones([n, c])  # no host copy first: the peak so far is x itself
+w = tf.ones([n])
+_ = ops.tfbn_batch_norm_stats(x[:2, :8], w[:2]).numpy()  # load and warm up first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_ = ops.tfbn_batch_norm_stats(x, w).numpy()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_weighted_statistics_of_many_channels_take_no_large_temporaries():
+    """The per-block partial sums of a wide channels-last x stay small next to x (64 MiB
+    here; 8 blocks of 3 * C doubles are 48 MiB, 64 blocks would be 384 MiB)."""
+    out = subprocess.run([sys.executable, "-c", STATS_MEMORY_PROBE], check=True,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    growth = int(out.stdout.split()[-1])
+    assert growth < 128 << 20, f"peak memory grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 3), -1), ((4, 3, 16), 1)])
+@pytest.mark.parametrize("factor", [2.0**100, 2.0**120, 2.0**-100])
+def test_statistics_and_gradient_do_not_depend_on_the_weights_scale(shape, axis, factor, rng):
+    """Weights of any finite size are accepted: huge ones (whose products with the data
+    would overflow float, and whose sum in the gradient's denominators would leave float's
+    normal range) and tiny ones give the statistics and gradient of the same weights at
+    scale 1. (Subnormal weights count as 0: TensorFlow's kernels flush denormals.)"""
+    x = tf.constant(rng.normal(5.0, 1e4, shape).astype(np.float32))
+    dy = tf.constant(rng.normal(size=shape).astype(np.float32))
+    w = (rng.integers(32, 128, positions_shape(shape, axis)) / 64.0).astype(np.float32)
+    w.flat[3] = 0.0
+
+    def run(weights):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, mean, var = split.split_batch_norm(x, None, None, axis=axis, epsilon=1e-3,
+                                                  weights=weights)
+            loss = tf.reduce_sum(y * dy)
+        partial = _ops.tfbn_batch_norm_stats(x, weights, axis=axis).numpy()
+        return partial, [t.numpy() for t in (y, mean, var, tape.gradient(loss, x))]
+
+    scaled = (w.astype(np.float64) * factor).astype(np.float32)
+    assert np.array_equal(scaled.astype(np.float64) / factor, w)
+    (p1, got), (p0, want) = run(scaled), run(w)
+    np.testing.assert_allclose(p1[0], p0[0] * factor, rtol=1e-12)
+    np.testing.assert_allclose(p1[1], p0[1], rtol=1e-6)
+    np.testing.assert_allclose(p1[2], p0[2] * factor, rtol=1e-5)
+    for name, a, b in zip(["y", "mean", "variance", "dx"], got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("renorm,masked", [(True, False), (False, True), (True, True)])
+def test_second_order_gradients_match_keras(renorm, masked, rng):
+    """A gradient penalty (the gradient of a function of dx) through the layer with renorm
+    and/or a mask, as Keras' layer gives it (float64; Keras' masked mean divides by
+    count + 1e-7, a relative 1e-8 here)."""
+    shape = (6, 5, 3)
+    kwargs = dict(renorm=renorm, momentum=0.5)
+    if renorm:
+        kwargs["renorm_clipping"] = {"rmax": 1.5, "rmin": 0.8, "dmax": 0.4}
+    ours, theirs = twins(shape, "float64", **kwargs)
+    x = tf.constant(rng.normal(1.0, 2.0, shape))
+    cot = tf.constant(rng.normal(size=shape))
+    mask = tf.constant(rng.random(shape[:-1]) > 0.3) if masked else None
+
+    def penalty_grads(layer):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(tf.sin(y) * cot)
+            dx, *dw = inner.gradient(loss, [x] + layer.trainable_weights)
+            penalty = tf.reduce_sum(dx ** 2) + sum(tf.reduce_sum(g ** 3) for g in dw)
+        return [g.numpy() for g in outer.gradient(penalty, [x] + layer.trainable_weights)]
+
+    for a, b in zip(penalty_grads(ours), penalty_grads(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

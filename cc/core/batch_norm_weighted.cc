@@ -18,9 +18,13 @@
 namespace tfbn {
 namespace {
 
-// Reduction blocks of about kBlockElements elements, at most kMaxBlocks of them.
+// Reduction blocks of about kBlockElements elements, at most kMaxBlocks of them. The
+// partials take 3 * blocks * C doubles: with many channels fewer blocks keep them near
+// kPartialBytes (at least kMinBlocks blocks remain for the threads), as in the fused kernels.
 constexpr int64_t kBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlocks = 64;
+constexpr int64_t kMinBlocks = 8;
+constexpr int64_t kPartialBytes = int64_t{1} << 18;
 // Elementwise passes: pieces of about this many elements for the threads.
 constexpr int64_t kPieceElements = int64_t{1} << 14;
 // Sums are taken in the compute type V over short stretches (kFlushRows rows, or
@@ -52,12 +56,27 @@ inline int64_t BlockBegin(int64_t b, int64_t nb, int64_t n) {
 int64_t NumBlocks(const Layout& layout) {
   const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
   const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
-  return std::clamp<int64_t>(wanted, 1, std::min(kMaxBlocks, layout.per_channel()));
+  const int64_t by_partials = std::max(
+      kMinBlocks, kPartialBytes / std::max<int64_t>(1, 24 * layout.channels));
+  return std::clamp<int64_t>(wanted, 1,
+                             std::min({kMaxBlocks, by_partials, layout.per_channel()}));
 }
 
 // The compute type: double for double data, float otherwise.
 template <typename T>
 using V = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// A power of two that brings the largest of w[0, n) into [1, 4) (1 where all are 0). The
+// kernels multiply the weights by it (exactly) and take it out again in double, so weights
+// of any finite size keep the float products with the data, and the gradient's
+// coefficients (which divide by the weight sum), in float's normal range.
+template <typename U>
+U WeightScale(const float* w, int64_t n) {
+  float wmax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) wmax = std::max(wmax, w[j]);
+  const int e = wmax > 0.0f ? std::clamp(std::ilogb(wmax), -126, 126) : 0;
+  return std::ldexp(U(1), -e);
+}
 
 // n values of p as V: p itself where T is V, else converted into buf.
 template <typename T>
@@ -100,8 +119,8 @@ inline Lanes<U> LoadWeights(const float* p) {
 // Channels-last rows [r0, r1): s1[c] += w * d, s2[c] += w * d * d with d = x - shift.
 // Rows of weight 0 are skipped, so masked values (even NaN) never reach the sums.
 template <typename T>
-TFBN_CLONES void WeightedRows(const T* x, const float* w, int64_t C, int64_t r0, int64_t r1,
-                              const V<T>* shift, double* s1, double* s2) {
+TFBN_CLONES void WeightedRows(const T* x, const float* w, V<T> wscale, int64_t C, int64_t r0,
+                              int64_t r1, const V<T>* shift, double* s1, double* s2) {
   using U = V<T>;
   alignas(64) U buf[kSeg], a1[kSeg], a2[kSeg];
   for (int64_t c0 = 0; c0 < C; c0 += kSeg) {
@@ -110,7 +129,7 @@ TFBN_CLONES void WeightedRows(const T* x, const float* w, int64_t C, int64_t r0,
     for (int64_t rb = r0; rb < r1; rb += kFlushRows) {
       for (int64_t c = 0; c < n; ++c) a1[c] = a2[c] = U(0);
       for (int64_t r = rb, re = std::min(rb + kFlushRows, r1); r < re; ++r) {
-        const U wr = static_cast<U>(w[r]);
+        const U wr = static_cast<U>(w[r]) * wscale;
         if (wr == U(0)) continue;
         const U* __restrict xr = In(x + r * C + c0, n, buf);
         for (int64_t c = 0; c < n; ++c) {
@@ -131,9 +150,9 @@ TFBN_CLONES void WeightedRows(const T* x, const float* w, int64_t C, int64_t r0,
 // Planar: channel c over its per-channel indices [j0, j1) (j = o * inner + i). Lane l
 // takes elements l, l + kLanes, ... of each contiguous piece; a tail goes to lanes 0, 1...
 template <typename T>
-TFBN_CLONES void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t inner,
-                                int64_t c, int64_t j0, int64_t j1, V<T> shift, double* s1,
-                                double* s2) {
+TFBN_CLONES void WeightedPlanar(const T* x, const float* w, V<T> wscale, int64_t C,
+                                int64_t inner, int64_t c, int64_t j0, int64_t j1, V<T> shift,
+                                double* s1, double* s2) {
   using U = V<T>;
   alignas(64) U buf[kFlushElements];
   U a1[kLanes] = {}, a2[kLanes] = {};
@@ -158,9 +177,9 @@ TFBN_CLONES void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t i
       int64_t e = 0;
       if (e + kLanes <= n) {
         Lanes<U> v1 = LoadLanes<U>(a1), v2 = LoadLanes<U>(a2);
-        const Lanes<U> zero = {}, sh = zero + shift;
+        const Lanes<U> zero = {}, sh = zero + shift, sc = zero + wscale;
         for (; e + kLanes <= n; e += kLanes) {
-          const Lanes<U> wi = LoadWeights<U>(ws + e);
+          const Lanes<U> wi = LoadWeights<U>(ws + e) * sc;
           // A select, not a branch: a weight of 0 drops the value (even NaN).
           const Lanes<U> d = wi != zero ? LoadLanes<U>(xs + e) - sh : zero;
           const Lanes<U> wd = wi * d;
@@ -171,7 +190,7 @@ TFBN_CLONES void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t i
         StoreLanes<U>(a2, v2);
       }
       for (int l = 0; e < n; ++e, ++l) {
-        const U wi = static_cast<U>(ws[e]);
+        const U wi = static_cast<U>(ws[e]) * wscale;
         const U d = wi != U(0) ? xs[e] - shift : U(0);
         const U wd = wi * d;
         a1[l] += wd;
@@ -198,8 +217,8 @@ TFBN_CLONES void WeightedPlanar(const T* x, const float* w, int64_t C, int64_t i
 // go R = kSeg / C at a time through one flat loop (the coefficients tiled R times, the
 // row weights spread over their C elements), so narrow layers still run long vector loops.
 template <typename T>
-TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w, int64_t C,
-                                  int64_t r0, int64_t r1, int64_t R, const V<T>* hi,
+TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w, V<T> wscale,
+                                  int64_t C, int64_t r0, int64_t r1, int64_t R, const V<T>* hi,
                                   const V<T>* lo, const V<T>* ga, const V<T>* gb,
                                   const V<T>* gc) {
   using U = V<T>;
@@ -207,14 +226,15 @@ TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w
   for (int64_t r = r0; r < r1; r += R) {
     const int64_t rows = std::min(R, r1 - r);
     if (R > 1)  // R * C <= kSeg
-      for (int64_t q = 0; q < rows; ++q) std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]));
+      for (int64_t q = 0; q < rows; ++q)
+        std::fill(bw + q * C, bw + (q + 1) * C, U(w[r + q]) * wscale);
     const int64_t span = R > 1 ? rows * C : C;
     for (int64_t c0 = 0; c0 < span; c0 += kSeg) {
       const int64_t m = std::min(kSeg, span - c0), e = r * C + c0;
       const U* __restrict g = In(dy + e, m, bdy);
       const U* __restrict v = In(x + e, m, bx);
       const U* __restrict ws = R > 1 ? bw : nullptr;
-      const U wr = static_cast<U>(w[r]);
+      const U wr = static_cast<U>(w[r]) * wscale;
       const U *__restrict h = hi + c0, *__restrict l = lo + c0, *__restrict a = ga + c0,
                           *__restrict b = gb + c0, *__restrict k = gc + c0;
       U* __restrict o = out;
@@ -233,8 +253,9 @@ TFBN_CLONES void WeightedGradRows(const T* dy, const T* x, T* dx, const float* w
 // Planar planes [p0, p1) (plane p = o * C + c: `inner` elements of channel c), one weight
 // per element.
 template <typename T>
-TFBN_CLONES void WeightedGradPlanes(const T* dy, const T* x, T* dx, const float* w, int64_t C,
-                                    int64_t inner, int64_t p0, int64_t p1, const V<T>* hi,
+TFBN_CLONES void WeightedGradPlanes(const T* dy, const T* x, T* dx, const float* w,
+                                    V<T> wscale, int64_t C, int64_t inner, int64_t p0,
+                                    int64_t p1, const V<T>* hi,
                                     const V<T>* lo, const V<T>* ga, const V<T>* gb,
                                     const V<T>* gc) {
   using U = V<T>;
@@ -249,7 +270,7 @@ TFBN_CLONES void WeightedGradPlanes(const T* dy, const T* x, T* dx, const float*
       const float* __restrict ws = w + o * inner + i0;
       U* __restrict out_p = out;
       for (int64_t i = 0; i < m; ++i)
-        out_p[i] = a * g[i] + static_cast<U>(ws[i]) * (b * ((v[i] - h) - l) + k);
+        out_p[i] = a * g[i] + static_cast<U>(ws[i]) * wscale * (b * ((v[i] - h) - l) + k);
       for (int64_t i = 0; i < m; ++i) dx[e + i] = static_cast<T>(out_p[i]);
     }
   }
@@ -257,10 +278,11 @@ TFBN_CLONES void WeightedGradPlanes(const T* dy, const T* x, T* dx, const float*
 
 // Per-channel W = sum w, S1 = sum w * (x - K), S2 = sum w * (x - K)^2 over the fixed
 // block partition, blocks added in order. W is the same for every channel (one weight per
-// position).
+// position). S1 and S2 are summed with the weights times wscale (see WeightScale).
 template <typename T>
-void WeightedSums(const Layout& layout, const T* x, const float* w, const V<T>* shift,
-                  double* s0, double* s1, double* s2, const ParallelFor& parallel_for) {
+void WeightedSums(const Layout& layout, const T* x, const float* w, V<T> wscale,
+                  const V<T>* shift, double* s0, double* s1, double* s2,
+                  const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel(), inner = layout.inner;
   const int64_t nb = NumBlocks(layout);
   std::vector<double> part(static_cast<size_t>(nb * 3 * C), 0.0);  // [b][s0 | s1 | s2][C]
@@ -270,7 +292,7 @@ void WeightedSums(const Layout& layout, const T* x, const float* w, const V<T>* 
     parallel_for(nb, cost, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double* p = block(b);
-        WeightedRows(x, w, C, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), shift, p + C,
+        WeightedRows(x, w, wscale, C, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), shift, p + C,
                      p + 2 * C);
       }
     });
@@ -279,7 +301,7 @@ void WeightedSums(const Layout& layout, const T* x, const float* w, const V<T>* 
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / C, c = t % C;
         double* p = block(b);
-        WeightedPlanar(x, w, C, inner, c, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m),
+        WeightedPlanar(x, w, wscale, C, inner, c, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m),
                        shift[c], p + C + c, p + 2 * C + c);
       }
     });
@@ -301,6 +323,11 @@ void WeightedSums(const Layout& layout, const T* x, const float* w, const V<T>* 
       s1[c] += p[C + c];
       s2[c] += p[2 * C + c];
     }
+  }
+  const double unscale = 1.0 / static_cast<double>(wscale);  // a power of two: exact
+  for (int64_t c = 0; c < C; ++c) {
+    s1[c] *= unscale;
+    s2[c] *= unscale;
   }
 }
 
@@ -335,9 +362,10 @@ void WeightedPartialMoments(const Layout& layout, const T* x, const float* weigh
   const int64_t o = first / inner, i = first - o * inner;
   std::vector<V<T>> shift(static_cast<size_t>(C));
   std::vector<double> s0(C), s1(C), s2(C);
+  const V<T> wscale = WeightScale<V<T>>(weights + first, m - first);
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<V<T>>(x[(o * C + c) * inner + i]);
   for (int pass = 0; pass < 2; ++pass) {
-    WeightedSums(layout, x, weights, shift.data(), s0.data(), s1.data(), s2.data(),
+    WeightedSums(layout, x, weights, wscale, shift.data(), s0.data(), s1.data(), s2.data(),
                  parallel_for);
     bool far = false;
     for (int64_t c = 0; c < C; ++c) {
@@ -366,6 +394,8 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
   const double eps = static_cast<double>(epsilon);
   const bool empty = layout.per_channel() == 0;
   std::vector<U> hi(C), lo(C), ga(C), gb(C), gc(C);
+  // The loops below take w * wscale, so the coefficients divide by W * wscale.
+  const U wscale = WeightScale<U>(weights, layout.per_channel());
   for (int64_t c = 0; c < C; ++c) {
     hi[c] = mean[c];
     lo[c] = mean_residual ? mean_residual[c] : U(0);
@@ -377,7 +407,7 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
     // them is scaled by the element's weight w (applied per element below), and the
     // weight sum W replaces the count:
     // dx = s*r*dy + w * (-s*r*S1/W - s*r*xhat*S2/W + d_mean/W + 2*d_var*(x - mean)/W)
-    const double W = count[c];
+    const double W = count[c] * static_cast<double>(wscale);
     const double sum_dy = global_sums[c], sum_dy_xc = global_sums[C + c];
     const double dmu = global_rows == 4 ? global_sums[2 * C + c] : 0.0;
     const double dvar = global_rows == 4 ? global_sums[3 * C + c] : 0.0;
@@ -393,12 +423,12 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
       tb[k] = gb[k % C], tc[k] = gc[k % C];
     }
     ForEachUnit(layout, parallel_for, [&](int64_t r0, int64_t r1) {
-      WeightedGradRows(dy, x, dx, weights, C, r0, r1, R, th.data(), tl.data(), ta.data(),
+      WeightedGradRows(dy, x, dx, weights, wscale, C, r0, r1, R, th.data(), tl.data(), ta.data(),
                        tb.data(), tc.data());
     });
   } else {
     ForEachUnit(layout, parallel_for, [&](int64_t p0, int64_t p1) {
-      WeightedGradPlanes(dy, x, dx, weights, C, inner, p0, p1, hi.data(), lo.data(),
+      WeightedGradPlanes(dy, x, dx, weights, wscale, C, inner, p0, p1, hi.data(), lo.data(),
                          ga.data(), gb.data(), gc.data());
     });
   }

@@ -121,8 +121,7 @@ def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
             n_mean, n_var, n_res, epsilon=epsilon, axis=axis,
         )
 
-        def grad(dy, d_mean, d_variance):
-            dy = tf.zeros_like(x) if dy is None else dy
+        def kernel_grad(dy, d_mean, d_variance):
             local = _ops.tfbn_batch_norm_grad_sums(dy, x, n_mean, n_res, axis=axis)
             d_mean, d_variance = _nonzero(d_mean), _nonzero(d_variance)
             packed = [local]
@@ -146,6 +145,77 @@ def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
                 dscale = r * dscale + d * doffset
             return [dx] + ([dscale] if has_scale else []) + ([doffset] if has_offset else [])
 
+        def grad(dy, d_mean, d_variance):
+            dy = tf.zeros_like(x) if dy is None else dy
+            if ctx is not None:
+                return kernel_grad(dy, d_mean, d_variance)
+            # The kernels give the first order; higher orders (a gradient penalty)
+            # differentiate the same backward written in TensorFlow ops.
+            dm = tf.zeros_like(mean) if d_mean is None else d_mean
+            dv = tf.zeros_like(variance) if d_variance is None else d_variance
+
+            @tf.custom_gradient
+            def backward(dy, dm, dv, *inputs):
+                first = kernel_grad(dy, None if d_mean is None else dm,
+                                    None if d_variance is None else dv)
+
+                def grad2(*upstream):
+                    sources = [dy, dm, dv, *inputs]
+                    with tf.GradientTape() as tape:
+                        tape.watch(sources)
+                        again = _composite_grad(inputs, dy, dm, dv)
+                    upstream = [tf.zeros_like(a) if u is None else u
+                                for u, a in zip(upstream, again)]
+                    return tape.gradient(again, sources, output_gradients=upstream,
+                                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+                return first, grad2
+
+            return backward(dy, dm, dv, *inputs)
+
         return (y, mean, variance), grad
+
+    def _composite_grad(inputs, dy, dm, dv):
+        """The first-order gradient of `forward` w.r.t. its inputs, from the same math in
+        differentiable TensorFlow ops (weighted statistics, r and d held constant)."""
+        inputs = list(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outs = _composite_forward(*inputs)
+        return tape.gradient(outs, inputs, output_gradients=[dy, dm, dv],
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _composite_forward(x, *rest):
+        rest = iter(rest)
+        s = next(rest) if has_scale else None
+        o = next(rest) if has_offset else None
+        ax = axis % x.shape.rank
+        shape = tf.shape(x, out_type=tf.int64)
+        outer, inner = tf.reduce_prod(shape[:ax]), tf.reduce_prod(shape[ax + 1:])
+        x3 = tf.reshape(tf.cast(x, dtype), tf.stack([outer, shape[ax], inner]))
+        col = lambda v: v[None, :, None]  # noqa: E731
+        if weights is None:
+            w3, total = None, tf.cast(outer * inner, dtype)
+        else:
+            w3 = tf.reshape(tf.cast(w, dtype), tf.stack([outer, 1, inner]))
+            total = tf.reduce_sum(w3)
+        safe = tf.where(total > 0, total, tf.ones_like(total))  # no weight: mean 0, var 0
+
+        def weighted_sum(v):  # masked values (NaN included) never reach the sums
+            return tf.reduce_sum(v if w3 is None else tf.where(w3 > 0, w3 * v, 0.0), [0, 2])
+
+        m = weighted_sum(x3) / safe
+        xc = x3 - col(m)
+        v = weighted_sum(xc * xc) / safe
+        xhat = xc * col(tf.math.rsqrt(v + tf.cast(tf.constant(epsilon, tf.float32), dtype)))
+        s_eff, o_eff = s, o
+        if correction is not None:
+            r, d = (tf.stop_gradient(t) for t in correction(m, v))
+            s_eff = r if s is None else s * r
+            o_eff = d if s is None else s * d
+            o_eff = o_eff if o is None else o_eff + o
+        y3 = xhat if s_eff is None else xhat * col(s_eff)
+        y3 = y3 if o_eff is None else y3 + col(o_eff)
+        return tf.cast(tf.reshape(y3, tf.shape(x)), x.dtype), m, v
 
     return forward(*inputs)
