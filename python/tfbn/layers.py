@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from ._library import XLA_LOADED as _XLA
 from .ops import batch_norm, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -25,8 +26,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # No XLA lowering in this build: keep Keras' jit_compile="auto" from turning XLA on.
-        self.supports_jit = False
+        # Keras' jit_compile="auto" (and jit_compile=True) use XLA only where every layer
+        # supports it: this layer does where the ops' XLA lowerings are built and loaded.
+        self.supports_jit = _XLA
 
     def _fused_applies(self, inputs, training, mask):
         return (
