@@ -43,11 +43,11 @@ if(NOT TF_CC_LIBRARY)
 endif()
 find_path(TFBN_HIGHWAYHASH_INCLUDE_DIR highwayhash/arch_specific.h
           HINTS ${TFBN_XLA_EXTRA_INCLUDE_DIRS})
-if(NOT TFBN_HIGHWAYHASH_INCLUDE_DIR)
+if(NOT EXISTS "${TFBN_HIGHWAYHASH_INCLUDE_DIR}/highwayhash/arch_specific.h")
   list(APPEND _tfbn_xla_missing "highwayhash headers (Debian/Ubuntu: apt-get install libhighwayhash-dev)")
 endif()
 find_path(TFBN_FARMHASH_INCLUDE_DIR farmhash.h HINTS ${TFBN_XLA_EXTRA_INCLUDE_DIRS})
-if(NOT TFBN_FARMHASH_INCLUDE_DIR)
+if(NOT EXISTS "${TFBN_FARMHASH_INCLUDE_DIR}/farmhash.h")
   list(APPEND _tfbn_xla_missing "farmhash.h (Debian/Ubuntu: apt-get install libfarmhash-dev)")
 endif()
 
