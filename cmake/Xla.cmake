@@ -63,7 +63,7 @@ if(_tfbn_xla_missing)
   return()
 endif()
 
-add_library(tfbn_xla MODULE cc/tf/xla_view.cc cc/tf/xla_batch_norm.cc
+add_library(tfbn_xla MODULE cc/tf/xla_registration.cc cc/tf/xla_view.cc cc/tf/xla_batch_norm.cc
                             cc/tf/xla_batch_norm_grad.cc cc/tf/xla_sync_forward.cc
                             cc/tf/xla_sync_backward.cc)
 set_target_properties(tfbn_xla PROPERTIES PREFIX "" OUTPUT_NAME "_tfbn_xla")

@@ -8,6 +8,8 @@ ops in this build lack those inputs/attributes; they run once the ops have them.
 """
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -116,6 +118,26 @@ def test_build_has_xla():
     info = tfbn.build_info()
     assert info["xla"] is True, f"tfbn was built without XLA: {info['xla_reason']}"
     assert tfbn.BatchNormalization().supports_jit is True
+
+
+LATE_IMPORT = """
+import numpy as np, tensorflow as tf
+x = tf.constant(np.arange(12.0, dtype=np.float32).reshape(4, 3))
+tf.function(lambda x: x * 2, jit_compile=True)(x)  # TensorFlow builds its XLA kernel table
+import tfbn
+y = tf.function(lambda x: tfbn.batch_norm(x)[0], jit_compile=True)(x)
+print(np.abs(y.numpy() - tfbn.batch_norm(x)[0].numpy()).max())
+"""
+
+
+@needs_xla
+def test_lowerings_load_after_the_first_xla_compilation():
+    """TensorFlow turns XLA lowerings into kernels once, at its first XLA compilation;
+    tfbn imported after that still compiles (a fresh process: this one has compiled)."""
+    out = subprocess.run([sys.executable, "-c", LATE_IMPORT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-6
 
 
 @needs_xla

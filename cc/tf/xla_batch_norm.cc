@@ -1,7 +1,7 @@
 // XLA lowering of TfbnBatchNorm (training and inference; optional residual + activation
 // epilogue). Restates BatchNormForward of cc/core in HLO; see xla_view.h for why.
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tf/xla_registration.h"
 #include "tf/validation.h"
 #include "tf/xla_view.h"
 #include "xla/hlo/builder/lib/constants.h"
@@ -97,7 +97,7 @@ class BatchNormXlaOp : public XlaOpKernel {
 
 // No device or type constraint: every XLA backend (CPU_XLA_JIT, GPU_XLA_JIT) gets it, for
 // the T/U pairs the op definition allows.
-REGISTER_XLA_OP(Name("TfbnBatchNorm"), BatchNormXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNorm", BatchNormXlaOp);
 
 }  // namespace
 }  // namespace tfbn

@@ -1,7 +1,7 @@
 // XLA lowering of TfbnBatchNormGrad (training and inference; the epilogue's activation
 // gradient and dresidual). Restates BatchNormBackward of cc/core in HLO; see xla_view.h.
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tf/xla_registration.h"
 #include "tf/validation.h"
 #include "tf/xla_view.h"
 #include "xla/hlo/builder/lib/constants.h"
@@ -114,7 +114,7 @@ class BatchNormGradXlaOp : public XlaOpKernel {
   bool has_residual_ = false;
 };
 
-REGISTER_XLA_OP(Name("TfbnBatchNormGrad"), BatchNormGradXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormGrad", BatchNormGradXlaOp);
 
 }  // namespace
 }  // namespace tfbn

@@ -3,7 +3,7 @@
 // cc/core in HLO; see xla_view.h.
 #include "absl/strings/str_cat.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tf/xla_registration.h"
 #include "tf/validation.h"
 #include "tf/xla_view.h"
 #include "xla/hlo/builder/lib/constants.h"
@@ -151,8 +151,8 @@ class GradApplyXlaOp : public XlaOpKernel {
   float epsilon_ = 1e-3f;
 };
 
-REGISTER_XLA_OP(Name("TfbnBatchNormGradSums"), GradSumsXlaOp);
-REGISTER_XLA_OP(Name("TfbnBatchNormGradApply"), GradApplyXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormGradSums", GradSumsXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormGradApply", GradApplyXlaOp);
 
 }  // namespace
 }  // namespace tfbn

@@ -4,7 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "tensorflow/compiler/tf2xla/type_util.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tf/xla_registration.h"
 #include "tf/validation.h"
 #include "tf/xla_view.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
@@ -164,9 +164,9 @@ class ApplyXlaOp : public XlaOpKernel {
   float epsilon_ = 1e-3f;
 };
 
-REGISTER_XLA_OP(Name("TfbnBatchNormStats"), StatsXlaOp);
-REGISTER_XLA_OP(Name("TfbnBatchNormMergeStats"), MergeStatsXlaOp);
-REGISTER_XLA_OP(Name("TfbnBatchNormApply"), ApplyXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormStats", StatsXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormMergeStats", MergeStatsXlaOp);
+TFBN_REGISTER_XLA_OP("TfbnBatchNormApply", ApplyXlaOp);
 
 }  // namespace
 }  // namespace tfbn

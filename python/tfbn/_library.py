@@ -52,9 +52,7 @@ ops = _load()
 def _load_xla():
     """Loads the XLA lowerings (a second library, so the ops work without it).
 
-    Returns (loaded, reason). It must load after the op library (the lowerings name its
-    ops) and before XLA first compiles anything in this process: TensorFlow builds its
-    table of XLA kernels once, so lowerings registered later are not seen by it.
+    Returns (loaded, reason). It loads after the op library: the lowerings name its ops.
     """
     try:
         from . import _build_info as b
