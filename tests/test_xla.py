@@ -20,7 +20,7 @@ from tensorflow.python.framework import op_def_registry
 import reference as ref
 import tfbn
 from tfbn._library import ops as _ops
-from test_ops import DTYPES, NP_DTYPES, make_inputs, param_np
+from test_ops import DTYPES, make_inputs, param_np
 
 XLA = tfbn.build_info()["xla"]
 needs_xla = pytest.mark.skipif(not XLA, reason="this build has no XLA lowerings")
