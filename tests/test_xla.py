@@ -289,6 +289,27 @@ def test_far_from_zero_keeps_float32_precision(rng):
 
 
 @needs_xla
+def test_gradient_far_from_zero_keeps_precision():
+    """The kernels' bounds (test_gradients.py) hold for the lowering too."""
+    rng = np.random.default_rng(3)
+    x = tf.constant((1e4 + rng.standard_normal((32, 8, 8, 16))).astype(np.float32))
+    dy = tf.constant(rng.standard_normal(x.shape).astype(np.float32))
+    scale = tf.ones([16])
+
+    @tf.function(jit_compile=True)
+    def grads(x, dy, scale):
+        with tf.GradientTape() as tape:
+            tape.watch([x, scale])
+            y = tfbn.batch_norm(x, scale)[0]
+        return tape.gradient(y, [x, scale], output_gradients=dy)
+
+    dx, dscale = grads(x, dy, scale)
+    dx_ref, dscale_ref, _ = ref.backward(dy.numpy(), x.numpy(), scale.numpy())
+    assert np.abs(dx.numpy() - dx_ref).max() <= 1e-4
+    assert np.abs(dscale.numpy() - dscale_ref).max() <= 1e-2  # sum over 2048 values
+
+
+@needs_xla
 def test_empty_batch_gives_nan_statistics_and_zero_gradients():
     x = tf.zeros([0, 4])
     e = empty(tf.float32)

@@ -75,13 +75,10 @@ class BatchNormGradXlaOp : public XlaOpKernel {
                                       : xla::Broadcast(xla::Zero(b, T), {0}));
     }
 
-    // Sums in float64: sum dy and sum dy * (x - mean), the centred x rebuilt from hi + lo.
-    const xla::XlaOp dy_d = xla::ConvertElementType(dy3, xla::F64);
-    const xla::XlaOp xc_d = xla::Sub(
-        xla::Sub(To3d(ctx->Input(1), v, xla::F64), PerChannel(xla::ConvertElementType(hi, xla::F64), v)),
-        PerChannel(xla::ConvertElementType(lo, xla::F64), v));
-    const xla::XlaOp sum_dy = SumPerChannel(dy_d);
-    const xla::XlaOp sum_dy_xc = SumPerChannel(xla::Mul(dy_d, xc_d));
+    // Sums accumulated in float64 of terms formed in U, as the CPU kernels form them:
+    // sum dy and sum dy * ((x - hi) - lo).
+    const xla::XlaOp sum_dy = SumPerChannel(xla::ConvertElementType(dy3, xla::F64));
+    const xla::XlaOp sum_dy_xc = SumPerChannel(xla::ConvertElementType(xla::Mul(dy3, xc), xla::F64));
 
     const xla::XlaOp zeros_u = xla::Broadcast(xla::Zero(b, U), {C});
     ctx->SetOutput(2, xla::ConvertElementType(sum_dy, U));

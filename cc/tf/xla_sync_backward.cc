@@ -59,9 +59,12 @@ class GradSumsXlaOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, CheckVector(ctx, 2, "mean", false, v));
     OP_REQUIRES_OK(ctx, CheckVector(ctx, 3, "mean_residual", true, v));
     const int64_t C = v.channels;
-    const xla::XlaOp dy = To3d(ctx->Input(0), v, xla::F64);
-    const xla::XlaOp sum_dy = SumPerChannel(dy);  // 0 for an empty slice
-    const xla::XlaOp sum_dy_xc = SumPerChannel(xla::Mul(dy, Centred(ctx, v, 1, 2, 3, xla::F64)));
+    const xla::PrimitiveType U = ctx->input_xla_type(2);
+    // Terms formed in U (as the CPU kernels form them), accumulated in float64.
+    const xla::XlaOp dy = To3d(ctx->Input(0), v, U);
+    const xla::XlaOp sum_dy = SumPerChannel(xla::ConvertElementType(dy, xla::F64));  // 0 if empty
+    const xla::XlaOp sum_dy_xc = SumPerChannel(
+        xla::ConvertElementType(xla::Mul(dy, Centred(ctx, v, 1, 2, 3, U)), xla::F64));
     ctx->SetOutput(0, xla::ConcatInDim(ctx->builder(),
                                        {xla::Reshape(sum_dy, {1, C}), xla::Reshape(sum_dy_xc, {1, C})},
                                        0));

@@ -6,7 +6,8 @@
 // a whole function into one HLO program (fused, on CPU or GPU), and an opaque kernel call
 // cannot take part in that. Each lowering therefore restates cc/core's contract
 // (batch_norm.h) in HLO: statistics in float64 (mean first, then the mean of squared
-// deviations, so data far from zero keeps its precision), the mean applied as two parts
+// deviations, so data far from zero keeps its precision), gradient sums accumulated in
+// float64 (terms formed in U, as the kernels form them), the mean applied as two parts
 // hi + lo, per-element arithmetic in U (float32 for half types, float64 for float64) and
 // one rounding to T. Bit equality with the CPU kernels is not promised (summation order
 // differs); the tests hold both to the float64 reference.
