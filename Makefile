@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all install test bench clean
+.PHONY: all install xla-deps test bench clean
 
 all: install
 
@@ -17,8 +17,27 @@ $(DEPS): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The XLA lowerings need the highwayhash and farmhash headers, which the TensorFlow
+# wheel's XLA headers include but do not ship. Best effort: installed with apt-get where
+# missing and running as root; otherwise the build leaves the lowerings out and says why
+# (tfbn.build_info()["xla_reason"]).
+XLA_HEADERS := /usr/include/highwayhash/arch_specific.h /usr/include/farmhash.h
+xla-deps:
+	@for h in $(XLA_HEADERS); do [ -e $$h ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing libhighwayhash-dev libfarmhash-dev (for the XLA lowerings)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends libhighwayhash-dev libfarmhash-dev) >/dev/null 2>&1 \
+	      || echo "make: could not install them; building without the XLA lowerings"; \
+	  else \
+	    echo "make: highwayhash/farmhash headers missing (as root: apt-get install" \
+	         "libhighwayhash-dev libfarmhash-dev); building without the XLA lowerings"; \
+	  fi; \
+	fi
+
 # scikit-build-core keeps its CMake build in build/, so a rebuild is incremental.
-install: $(DEPS)
+install: $(DEPS) xla-deps
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
 test: install

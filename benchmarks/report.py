@@ -99,11 +99,21 @@ def e2e_table(res):
                  f"batch {res['batch_size']}, {res['train_images']} train / "
                  f"{res['val_images']} validation images"]
     for name, m in res["models"].items():
-        lines.append(f"  {name:6s} BatchNormalization: {m['images_per_s']:8.0f} images/s "
-                     f"(first epoch {m['first_epoch_s']:.1f} s), "
+        steps = f", {m['steps_per_s']:5.1f} steps/s" if "steps_per_s" in m else ""
+        lines.append(f"  {name:9s} BatchNormalization: {m['images_per_s']:8.0f} images/s"
+                     f"{steps} (first epoch {m['first_epoch_s']:.1f} s), "
                      f"validation accuracy {100 * m['val_accuracy']:.1f}%")
     lines.append(f"  tfbn / keras throughput: {res['speedup']:.2f}x, accuracy gap "
                  f"{res['accuracy_gap_points']:+.1f} points")
+    if "xla" in res:
+        lines.append("  with XLA (jit_compile=True), steps/s ratios: " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in res["xla"].items() if k != "accuracy_gap_points"))
+    if "op_under_xla" in res:
+        o = res["op_under_xla"]
+        ms = o["median_ms"]
+        lines.append(f"  one BatchNorm under XLA, {tuple(o['shape'])} {o['dtype']} {o['mode']}: "
+                     f"tfbn {ms['tfbn']:.1f} ms, FusedBatchNormV3 {ms['FusedBatchNormV3']:.1f} ms "
+                     f"({o['speedup_vs_fused_v3']:.2f}x), median of {o['reps']}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,13 @@
 """Finds and loads the compiled op library once, with errors that say how to fix it."""
 
 import os
+import warnings
 
 import tensorflow as tf
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 OPS_LIBRARY_PATH = os.path.join(_HERE, "_tfbn_ops.so")
+XLA_LIBRARY_PATH = os.path.join(_HERE, "_tfbn_xla.so")
 _REBUILD = (
     "Rebuild tfbn against the installed TensorFlow: from the tfbn source tree run "
     "`pip install --no-build-isolation --force-reinstall .` (or `make install`)."
@@ -47,8 +49,38 @@ def _load():
 ops = _load()
 
 
+def _load_xla():
+    """Loads the XLA lowerings (a second library, so the ops work without it).
+
+    Returns (loaded, reason). It loads after the op library: the lowerings name its ops.
+    """
+    try:
+        from . import _build_info as b
+    except ImportError:
+        return False, "no build information (tfbn was not built)"
+    if not b.XLA:
+        return False, b.XLA_REASON or "built without the XLA lowerings"
+    if not os.path.exists(XLA_LIBRARY_PATH):
+        return False, f"{XLA_LIBRARY_PATH} is missing"
+    try:
+        tf.load_library(XLA_LIBRARY_PATH)
+    except (tf.errors.NotFoundError, tf.errors.OpError, OSError) as err:
+        warnings.warn(
+            f"tfbn: could not load the XLA lowerings {XLA_LIBRARY_PATH} ({err}); the tfbn "
+            f"ops work, but not under jit_compile=True. {_REBUILD}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False, f"{XLA_LIBRARY_PATH} failed to load: {err}"
+    return True, ""
+
+
+XLA_LOADED, XLA_REASON = _load_xla()
+
+
 def build_info():
-    """What this build contains: TensorFlow version, CUDA kernels and architectures, XLA."""
+    """What this build contains: TensorFlow version, CUDA kernels and architectures, and
+    whether the XLA lowerings are in it and loaded ("xla"; "xla_reason" says why not)."""
     from . import _build_info as b
 
     archs = [a for a in b.CUDA_ARCHITECTURES.replace(",", ";").split(";") if a]
@@ -57,7 +89,8 @@ def build_info():
         "cxx11_abi": b.CXX11_ABI,
         "cuda": b.CUDA,
         "cuda_architectures": archs,
-        "xla": b.XLA,
+        "xla": XLA_LOADED,
+        "xla_reason": XLA_REASON,
         "compiler": b.COMPILER,
         "ops_library": OPS_LIBRARY_PATH,
     }

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from . import distributed, split
+from ._library import XLA_LOADED as _XLA
 from .ops import _check_epsilon, apply_activation, batch_norm, canonical_activation, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -47,8 +48,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if canonical_activation(activation, "tfbn.BatchNormalization") == "identity":
             activation = None
         self.activation = activation
-        # No XLA lowering in this build: keep Keras' jit_compile="auto" from turning XLA on.
-        self.supports_jit = False
+        # Keras' jit_compile="auto" (and jit_compile=True) use XLA only where every layer
+        # supports it: this layer does where the ops' XLA lowerings are built and loaded.
+        self.supports_jit = _XLA
 
     def _fused_applies(self, inputs, training, mask):
         rank = inputs.shape.rank

@@ -1,0 +1,94 @@
+// What the XLA lowerings of the tfbn ops share: the [outer, C, inner] view of x as HLO,
+// per-channel parameters (an empty one meaning a constant), float64 reductions, the
+// attributes added by later op versions, and the epilogue activation.
+//
+// Why the lowerings restate the math in XLA ops instead of calling cc/core: XLA compiles
+// a whole function into one HLO program (fused, on CPU or GPU), and an opaque kernel call
+// cannot take part in that. Each lowering therefore restates cc/core's contract
+// (batch_norm.h) in HLO: statistics in float64 (mean first, then the mean of squared
+// deviations, so data far from zero keeps its precision), gradient sums accumulated in
+// float64 (terms formed in U, as the kernels form them), the mean applied as two parts
+// hi + lo, per-element arithmetic in U (float32 for half types, float64 for float64) and
+// one rounding to T. Bit equality with the CPU kernels is not promised (summation order
+// differs); the tests hold both to the float64 reference.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
+#include "xla/hlo/builder/xla_builder.h"
+
+namespace tfbn {
+
+// x viewed as [outer, C, inner] (outer = product of the dimensions before the channel axis,
+// inner = product after).
+struct XlaView {
+  int64_t outer = 1, channels = 0, inner = 1;
+  int axis = 0;
+  tensorflow::TensorShape shape;  // x's own shape
+  int64_t per_channel() const { return outer * inner; }
+  std::vector<int64_t> dims() const { return {outer, channels, inner}; }
+};
+
+// Resolves the axis for input `index` (x) and checks its rank; x's shape must be static.
+absl::Status MakeView(tensorflow::XlaOpKernelContext* ctx, int index, int axis_attr,
+                      XlaView* view);
+
+// Checks that input `index` is a per-channel vector of length C (or empty, where allowed),
+// with the same message as the CPU kernels.
+absl::Status CheckVector(tensorflow::XlaOpKernelContext* ctx, int index, const char* name,
+                         bool allow_empty, const XlaView& view);
+
+// Checks that input `index` has x's shape (dy, residual).
+absl::Status CheckLikeX(tensorflow::XlaOpKernelContext* ctx, int index, const char* name,
+                        const XlaView& view);
+
+// Checks that input `index` (per-element weights) has x's shape without the channel axis.
+absl::Status CheckWeights(tensorflow::XlaOpKernelContext* ctx, int index, const XlaView& view);
+
+// Weights input `index` as [outer, inner] in `type` (one weight per position, shared by
+// every channel).
+xla::XlaOp Weights2d(tensorflow::XlaOpKernelContext* ctx, int index, const XlaView& view,
+                     xla::PrimitiveType type);
+
+// True where the op has input `index` (older op versions lack the appended inputs) and it
+// is not empty.
+bool HasInput(tensorflow::XlaOpKernelContext* ctx, int index);
+
+// x (any shape of view's size) as [outer, C, inner] in `type`.
+xla::XlaOp To3d(xla::XlaOp x, const XlaView& view, xla::PrimitiveType type);
+// [outer, C, inner] back to x's shape in `type`.
+xla::XlaOp FromView(xla::XlaOp x3, const XlaView& view, xla::PrimitiveType type);
+
+// A [C] vector broadcast over [outer, C, inner].
+xla::XlaOp PerChannel(xla::XlaOp vector, const XlaView& view);
+
+// Input `index` as a [C] vector in `type`, or `fill` repeated where it is empty or absent.
+xla::XlaOp VectorOr(tensorflow::XlaOpKernelContext* ctx, int index, double fill,
+                    xla::PrimitiveType type, int64_t channels);
+
+// Per-channel sum of a [outer, C, inner] float64 array (0 for an empty one).
+xla::XlaOp SumPerChannel(xla::XlaOp x3);
+
+// A scalar constant of `type`.
+xla::XlaOp Scalar(xla::XlaBuilder* b, xla::PrimitiveType type, double value);
+
+// Row `row` of a [rows, C] matrix, as a [C] vector.
+xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels);
+
+// ---- Epilogue (activation after an optional residual add). ----
+enum class Activation { kIdentity, kRelu, kRelu6, kSilu };
+
+// Reads the `activation` and `has_residual` attributes where the op has them (identity and
+// false otherwise), and checks the activation's name.
+absl::Status ReadEpilogueAttrs(tensorflow::OpKernelConstruction* ctx, Activation* activation,
+                               bool* has_residual);
+
+// act(z) and dy * act'(z), elementwise in z's type (TensorFlow's gradient conventions:
+// relu passes dy where z > 0, relu6 where 0 < z < 6).
+xla::XlaOp Activate(xla::XlaOp z, Activation activation);
+xla::XlaOp ActivationGrad(xla::XlaOp dy, xla::XlaOp z, Activation activation);
+
+}  // namespace tfbn
