@@ -253,6 +253,29 @@ def test_silu_accuracy_over_a_wide_range():
             dtype, float(err.max()))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_of_huge_values(dtype):
+    """Beyond exp's range sigmoid(z) is 0 or 1, so silu(z) is -0 or z and its derivative 0
+    or 1, without relying on denormals being flushed to zero (the NumPy module does not)."""
+    top = np.finfo(dtype).max
+    z = np.array([-top, -1e30, -1e20, -1e6, -1e3, 1e3, 1e20, top], dtype)[:, None]
+    p = np.ones(1, param_np("float64" if dtype == np.float64 else "float32"))
+    dy = np.ones_like(z)
+    want_y = np.where(z < 0, 0.0, z)
+    want_dz = np.where(z < 0, 0.0, 1.0)
+    x = np.zeros_like(z)
+    from tfbn import _core as core
+    y = core.batch_norm_forward(x, p, p * 0, p * 0, p, training=False, residual=z,
+                                activation="silu")[0]
+    dz = core.batch_norm_backward(dy, x, p, p * 0, p, training=False, offset=p * 0,
+                                  residual=z, activation="silu")[-1]
+    y_tf, _, _ = tfbn.batch_norm(x, p, p * 0, p * 0, p, training=False, residual=z,
+                                 activation="silu")
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dz, want_dz)
+    np.testing.assert_array_equal(y_tf, want_y)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 9), c=st.integers(1, 70), inner=st.integers(1, 20),
