@@ -157,9 +157,15 @@ def test_epilogue_arguments_are_checked():
     with pytest.raises(ValueError,
                        match="activation must be None, 'linear'.*got activation='tanh'"):
         core.batch_norm_forward(x, activation="tanh")
-    with pytest.raises(ValueError, match="residual must have the dtype and shape of x"):
+    with pytest.raises(ValueError, match=r"residual must have the dtype and shape of x "
+                                         r"\(float32, \(4, 3\)\), got residual of dtype "
+                                         r"float32, shape \(4, 2\)"):
         core.batch_norm_forward(x, residual=np.ones((4, 2), np.float32))
-    with pytest.raises(ValueError, match="residual must have the dtype and shape of x"):
-        core.batch_norm_forward(x, residual=np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"residual must have the dtype and shape of x "
+                                         r"\(float32, \(4, 3\)\), got residual of dtype "
+                                         r"float64, shape \(4, 3\)"):
+        core.batch_norm_backward(x, x, mean=np.zeros(3, np.float32),
+                                 variance=np.ones(3, np.float32), residual=np.ones((4, 3)),
+                                 activation="relu")
     assert len(core.batch_norm_backward(x, x, mean=np.zeros(3, np.float32),
                                         variance=np.ones(3, np.float32))) == 3

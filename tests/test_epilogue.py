@@ -122,6 +122,29 @@ def test_matches_float64_composite(rng, activation, with_residual, training, sha
         ref.assert_close(grads[3], dres_ref, dtype_name, "dresidual")
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_half_precision_dx_where_dz_nearly_cancels(rng, dtype_name, axis):
+    """silu on z around 2 to 3 with dy = 1 and a narrow batch: dz varies little around its
+    mean, and dx is made of what remains after the mean is taken out, scaled by a large
+    1/std. dx must come from dz in float32, not from dz rounded to half precision (the
+    dresidual output's dtype), or its error grows far past the half-precision tolerance."""
+    shape = (64, 8, 4) if axis == 1 else (256, 8)
+    t = NP_DTYPES[dtype_name]
+    for std, offset_value in ((0.01, 2.0), (0.03, 3.0)):
+        x = (5.0 + std * rng.standard_normal(shape)).astype(t)
+        scale = np.ones(8, np.float32)
+        offset = np.full(8, offset_value, np.float32)
+        residual = (0.01 * rng.standard_normal(shape)).astype(t)
+        dy = np.ones(shape, t)
+        y, grads = run_tfbn(x, scale, offset, residual, dy, "silu", axis, True, None, None)
+        y_ref, dx_ref, _, _, dres_ref, _ = reference(x, scale, offset, residual, dy, "silu",
+                                                     axis, True, None, None)
+        ref.assert_close(y, y_ref, dtype_name, "y")
+        ref.assert_close(grads[0], dx_ref, dtype_name, "dx")
+        ref.assert_close(grads[3], dres_ref, dtype_name, "dresidual")
+
+
 def composite_tf(x, scale, offset, residual, activation, axis, training, mean=None, var=None):
     """BatchNorm, add and activation as separate TensorFlow ops (autodiff reference)."""
     rank = x.shape.rank
@@ -251,6 +274,29 @@ def test_silu_accuracy_over_a_wide_range():
         tiny = np.finfo(dtype).tiny
         assert np.all(err <= ulps * np.finfo(dtype).eps * np.abs(want) + 1e3 * tiny), (
             dtype, float(err.max()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_of_huge_values(dtype):
+    """Beyond exp's range sigmoid(z) is 0 or 1, so silu(z) is -0 or z and its derivative 0
+    or 1, without relying on denormals being flushed to zero (the NumPy module does not)."""
+    top = np.finfo(dtype).max
+    z = np.array([-top, -1e30, -1e20, -1e6, -1e3, 1e3, 1e20, top], dtype)[:, None]
+    p = np.ones(1, param_np("float64" if dtype == np.float64 else "float32"))
+    dy = np.ones_like(z)
+    want_y = np.where(z < 0, 0.0, z)
+    want_dz = np.where(z < 0, 0.0, 1.0)
+    x = np.zeros_like(z)
+    from tfbn import _core as core
+    y = core.batch_norm_forward(x, p, p * 0, p * 0, p, training=False, residual=z,
+                                activation="silu")[0]
+    dz = core.batch_norm_backward(dy, x, p, p * 0, p, training=False, offset=p * 0,
+                                  residual=z, activation="silu")[-1]
+    y_tf, _, _ = tfbn.batch_norm(x, p, p * 0, p * 0, p, training=False, residual=z,
+                                 activation="silu")
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dz, want_dz)
+    np.testing.assert_array_equal(y_tf, want_y)
 
 
 @settings(max_examples=25, deadline=None)

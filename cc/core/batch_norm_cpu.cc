@@ -399,7 +399,11 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     }
   }
   const bool full = args.training;
-  if (plain || (dresidual != nullptr && !empty)) {
+  // dz as stored in dresidual is rounded to T: for float16/bfloat16 that rounding would
+  // reach dx (where dz - mean(dz) cancels, by many ulp), so there the last pass recomputes
+  // z and dz in U instead, reading dy and the residual again.
+  constexpr bool kReadStoredDz = std::is_same_v<T, U>;
+  if (plain || (kReadStoredDz && dresidual != nullptr && !empty)) {
     // dz is dy (identity) or was written to dresidual by the sums pass.
     const T* dz = plain ? dy : dresidual;
     ApplyGrad(layout, dz, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
@@ -411,7 +415,7 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
       });
     return;
   }
-  // No dresidual output: the last pass recomputes z.
+  // No dresidual output, or a half-precision one: the last pass recomputes z.
   const bool stream = StreamOutput<T>(layout);
   const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C), pa = Padded(a.data(), C);
   const auto pb = Padded(b.data(), C), pga = Padded(ga.data(), C);

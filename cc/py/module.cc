@@ -120,10 +120,17 @@ Activation ParseActivation(const py::object& activation) {
 // The epilogue's residual: None, or an array of x's dtype and shape (made contiguous).
 std::optional<py::array> ResidualOf(const py::object& residual, const py::array& x) {
   if (residual.is_none()) return std::nullopt;
-  py::array r = Contiguous(py::array::ensure(residual));
-  if (!r || !r.dtype().is(x.dtype()) || r.ndim() != x.ndim() ||
+  py::array r = py::array::ensure(residual);
+  if (!r)
+    throw std::invalid_argument("tfbn: residual must be an array of x's dtype and shape, got " +
+                                std::string(py::repr(residual)));
+  if (!r.dtype().is(x.dtype()) || r.ndim() != x.ndim() ||
       !std::equal(x.shape(), x.shape() + x.ndim(), r.shape()))
-    throw std::invalid_argument("tfbn: residual must have the dtype and shape of x");
+    throw std::invalid_argument(
+        "tfbn: residual must have the dtype and shape of x (" + std::string(py::str(x.dtype())) +
+        ", " + std::string(py::str(x.attr("shape"))) + "), got residual of dtype " +
+        std::string(py::str(r.dtype())) + ", shape " + std::string(py::str(r.attr("shape"))));
+  r = Contiguous(r);
   return r;
 }
 

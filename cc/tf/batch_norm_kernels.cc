@@ -67,8 +67,14 @@ class BatchNormGradOp : public BatchNormOpBase {
       OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x.shape(), &dx));
       ctx->set_output(3, dy);
     } else if (has_residual_) {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 9}, 3, x.shape(),
-                                                                &dresidual));
+      // float16/bfloat16: the last pass reads dy and the residual again (it recomputes dz
+      // in float), so dresidual may not take over either of them.
+      constexpr bool kReadStoredDz = std::is_same_v<T, U>;
+      if (kReadStoredDz)
+        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 9}, 3, x.shape(),
+                                                                  &dresidual));
+      else
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(3, x.shape(), &dresidual));
       const bool took_dy = dresidual->data() == dy.data();
       OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                               took_dy ? std::initializer_list<int>{1}
