@@ -1,6 +1,7 @@
 // CPU kernels for the core Batch Normalization math (see batch_norm.h).
 #include "core/batch_norm.h"
 #include "core/cpu_kernels.h"
+#include "core/partition.h"
 
 #include <algorithm>
 #include <cmath>
@@ -13,17 +14,9 @@
 namespace tfbn {
 namespace {
 
-// Reductions are split into at most kMaxBlocks blocks of about kBlockElements elements
-// each. The partition depends on the shape only (never on the thread count), which is
-// what makes the statistics bitwise reproducible. The partials take 2 * blocks * C
-// doubles: with many channels fewer blocks keep them near kPartialBytes (at least
-// kMinBlocks blocks remain for the threads).
-constexpr int64_t kBlockElements = int64_t{1} << 16;
-constexpr int64_t kMaxBlocks = 64;
-constexpr int64_t kMinBlocks = 8;
-constexpr int64_t kPartialBytes = int64_t{1} << 18;
-// Elementwise passes are cut into pieces of about this many elements for the threads.
-constexpr int64_t kPieceElements = int64_t{1} << 14;
+using partition::BlockBegin;
+using partition::kPieceElements;
+
 // Outputs this large are written with non-temporal stores: they would not stay in the
 // cache anyway, and skipping the read of each destination line saves a third of the
 // traffic.
@@ -34,21 +27,8 @@ bool StreamOutput(const Layout& layout) {
   return layout.size() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
-int64_t NumBlocks(const Layout& layout) {
-  // Channels-last blocks hold all channels of their rows; planar tasks are (block,
-  // channel) pairs, so there a block is cut per channel and channels add parallelism.
-  const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
-  const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
-  const int64_t by_partials = std::max(
-      kMinBlocks, kPartialBytes / std::max<int64_t>(1, 16 * layout.channels));
-  return std::clamp<int64_t>(wanted, 1,
-                             std::min({kMaxBlocks, by_partials, layout.per_channel()}));
-}
-
-// Block b of nb over [0, n): a split that depends on (n, nb) only.
-inline int64_t BlockBegin(int64_t b, int64_t nb, int64_t n) {
-  return static_cast<int64_t>((static_cast<__int128>(n) * b) / nb);
-}
+// Partials per block: mean and M2 (or two gradient sums), a double each per channel.
+int64_t NumBlocks(const Layout& layout) { return partition::NumBlocks(layout, 16); }
 
 // Eigen's half types share their storage with the kernels' stand-ins.
 template <typename T>

@@ -14,19 +14,14 @@
 #include <Eigen/Core>
 
 #include "core/batch_norm.h"
+#include "core/partition.h"
 
 namespace tfbn {
 namespace {
 
-// Reduction blocks of about kBlockElements elements, at most kMaxBlocks of them. The
-// partials take 3 * blocks * C doubles: with many channels fewer blocks keep them near
-// kPartialBytes (at least kMinBlocks blocks remain for the threads), as in the fused kernels.
-constexpr int64_t kBlockElements = int64_t{1} << 16;
-constexpr int64_t kMaxBlocks = 64;
-constexpr int64_t kMinBlocks = 8;
-constexpr int64_t kPartialBytes = int64_t{1} << 18;
-// Elementwise passes: pieces of about this many elements for the threads.
-constexpr int64_t kPieceElements = int64_t{1} << 14;
+using partition::BlockBegin;
+using partition::kPieceElements;
+
 // Sums are taken in the compute type V over short stretches (kFlushRows rows, or
 // kFlushElements elements spread over kLanes lanes), then added into double, as the fused
 // kernels do: float arithmetic at float speed, double where sums grow.
@@ -49,18 +44,8 @@ constexpr double kFarShift = 8.0;
 #define TFBN_CLONES
 #endif
 
-inline int64_t BlockBegin(int64_t b, int64_t nb, int64_t n) {
-  return static_cast<int64_t>((static_cast<__int128>(n) * b) / nb);
-}
-
-int64_t NumBlocks(const Layout& layout) {
-  const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
-  const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
-  const int64_t by_partials = std::max(
-      kMinBlocks, kPartialBytes / std::max<int64_t>(1, 24 * layout.channels));
-  return std::clamp<int64_t>(wanted, 1,
-                             std::min({kMaxBlocks, by_partials, layout.per_channel()}));
-}
+// Partials per block: weight sum, mean and M2, a double each per channel.
+int64_t NumBlocks(const Layout& layout) { return partition::NumBlocks(layout, 24); }
 
 // The compute type: double for double data, float otherwise.
 template <typename T>
