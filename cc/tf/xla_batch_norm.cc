@@ -16,14 +16,8 @@ using tensorflow::XlaOpKernelContext;
 class BatchNormXlaOp : public XlaOpKernel {
  public:
   explicit BatchNormXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, CheckEpsilon(epsilon_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
+    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, &epsilon_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("is_training", &training_));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
     if (ctx->HasAttr("has_scale")) OP_REQUIRES_OK(ctx, ctx->GetAttr("has_scale", &has_scale_));
     if (ctx->HasAttr("has_offset"))
       OP_REQUIRES_OK(ctx, ctx->GetAttr("has_offset", &has_offset_));

@@ -19,14 +19,8 @@ constexpr int kOffset = 8, kResidual = 9;
 class BatchNormGradXlaOp : public XlaOpKernel {
  public:
   explicit BatchNormGradXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, CheckEpsilon(epsilon_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
+    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, &epsilon_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("is_training", &training_));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
     OP_REQUIRES_OK(ctx, ReadEpilogueAttrs(ctx, &activation_, &has_residual_));
   }
 

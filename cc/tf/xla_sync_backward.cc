@@ -45,11 +45,7 @@ absl::Status CheckMatrix(XlaOpKernelContext* ctx, int index, const char* name, i
 class GradSumsXlaOp : public XlaOpKernel {
  public:
   explicit GradSumsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
+    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, nullptr));
   }
 
   void Compile(XlaOpKernelContext* ctx) override {
@@ -77,13 +73,7 @@ class GradSumsXlaOp : public XlaOpKernel {
 class GradApplyXlaOp : public XlaOpKernel {
  public:
   explicit GradApplyXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, CheckEpsilon(epsilon_));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
+    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, &epsilon_));
   }
 
   void Compile(XlaOpKernelContext* ctx) override {

@@ -124,13 +124,7 @@ class MergeStatsXlaOp : public XlaOpKernel {
 class ApplyXlaOp : public XlaOpKernel {
  public:
   explicit ApplyXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, CheckEpsilon(epsilon_));
-    tensorflow::DataType t, u;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &t));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
-    OP_REQUIRES_OK(ctx, CheckParamDtype(t, u));
+    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, &epsilon_));
   }
 
   void Compile(XlaOpKernelContext* ctx) override {

@@ -109,6 +109,20 @@ xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels) {
   return xla::Reshape(xla::SliceInDim(matrix, row, row + 1, 1, 0), {channels});
 }
 
+absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
+                             float* epsilon) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("axis", axis));
+  if (epsilon != nullptr) {
+    TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", epsilon));
+    TF_RETURN_IF_ERROR(CheckEpsilon(*epsilon));
+  }
+  if (!ctx->HasAttr("U")) return absl::OkStatus();
+  tensorflow::DataType t, u;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("T", &t));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("U", &u));
+  return CheckParamDtype(t, u);
+}
+
 absl::Status ReadEpilogueAttrs(tensorflow::OpKernelConstruction* ctx, Activation* activation,
                                bool* has_residual) {
   *activation = Activation::kIdentity;

@@ -78,6 +78,11 @@ xla::XlaOp Scalar(xla::XlaBuilder* b, xla::PrimitiveType type, double value);
 // Row `row` of a [rows, C] matrix, as a [C] vector.
 xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels);
 
+// Reads the attributes the lowerings share, as the kernels check them: `axis`; `epsilon`
+// (checked) where epsilon is not null; T and U (a valid pair) where the op has U.
+absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
+                             float* epsilon);
+
 // ---- Epilogue (activation after an optional residual add). ----
 enum class Activation { kIdentity, kRelu, kRelu6, kSilu };
 
