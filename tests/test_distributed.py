@@ -114,6 +114,25 @@ def test_split_ops_check_their_arguments():
         _ops.tfbn_batch_norm_apply(x, m, m, tf.zeros([2]), m, m)
 
 
+@pytest.mark.parametrize("which", ["grad_sums", "grad_apply"])
+def test_second_order_through_the_split_backward_ops_says_so(which):
+    """The synchronized path's backward ops have no gradient: asking for one (a gradient
+    penalty under a strategy) names the limit instead of TensorFlow's LookupError."""
+    x = tf.constant(np.random.default_rng(2).normal(size=(6, 3)).astype(np.float32))
+    dy = tf.ones_like(x)
+    m2, v2, r2, count = split_forward([x], -1, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(dy)
+        sums = _ops.tfbn_batch_norm_grad_sums(dy, x, m2, r2)
+        if which == "grad_sums":
+            out = sums
+        else:
+            out = _ops.tfbn_batch_norm_grad_apply(dy, x, tf.zeros([0]), m2, v2, r2, sums, sums,
+                                                  count, _NO_WEIGHTS)[0]
+    with pytest.raises(NotImplementedError, match="second-order gradients .* synchronized"):
+        tape.gradient(out, dy)
+
+
 def test_synchronized_outside_a_strategy_is_the_unsynchronized_layer():
     x = np.random.default_rng(2).normal(size=(6, 4, 4, 3)).astype(np.float32)
     layers = [tfbn.BatchNormalization(synchronized=s) for s in (True, False)]

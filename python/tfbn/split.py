@@ -19,6 +19,21 @@ import tensorflow as tf
 from ._library import ops as _ops
 
 
+def _no_second_order(op, *grads):
+    raise NotImplementedError(
+        f"tfbn: second-order gradients (a gradient of a gradient) through synchronized "
+        f"BatchNorm are not supported: {op.type} has no gradient. On one device the layer "
+        f"and tfbn.batch_norm provide them with synchronized=False."
+    )
+
+
+# The split path's backward ops. On one device split_batch_norm differentiates its backward
+# in TensorFlow ops instead; only the synchronized path reaches these, and a clear error
+# beats TensorFlow's "no gradient registered" LookupError.
+tf.RegisterGradient("TfbnBatchNormGradSums")(_no_second_order)
+tf.RegisterGradient("TfbnBatchNormGradApply")(_no_second_order)
+
+
 def _nonzero(grad):
     """None for a gradient that is absent or, in a graph, statically zero (what
     tf.custom_gradient passes for outputs that were not used), so the all-reduce then packs
