@@ -26,22 +26,15 @@ class BatchNormOp : public BatchNormOpBase {
     const Tensor& x = ctx->input(0);
     Layout layout;
     OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
-    Tensor *y, *batch_mean, *batch_variance, *reserve;
-    const TensorShape channels({layout.channels});
-    // y may take over x's or the residual's buffer: every element is read before written.
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            has_residual_ ? std::initializer_list<int>{0, 5}
-                                          : std::initializer_list<int>{0},
-                            0, x.shape(), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &batch_mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &batch_variance));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, channels, &reserve));
+    ForwardOutputs out;
+    OP_REQUIRES_OK(ctx, AllocateForward(ctx, layout, &out));
     BatchNormForwardEpilogue<T, U>(
         layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)), DataOrNull<U>(ctx->input(2)),
         DataOrNull<U>(ctx->input(3)), DataOrNull<U>(ctx->input(4)),
-        has_residual_ ? ctx->input(5).flat<T>().data() : nullptr, args_, y->flat<T>().data(),
-        batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
-        reserve->flat<U>().data(), IntraOpParallelFor(ctx));
+        has_residual_ ? ctx->input(5).flat<T>().data() : nullptr, args_,
+        out.y->flat<T>().data(), out.batch_mean->flat<U>().data(),
+        out.batch_variance->flat<U>().data(), out.reserve->flat<U>().data(),
+        IntraOpParallelFor(ctx));
   }
 };
 

@@ -63,21 +63,17 @@ class BatchNormGpuOp : public BatchNormOpBase {
     const Tensor& x = ctx->input(0);
     Layout layout;
     OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
-    Tensor *y, *batch_mean, *batch_variance, *reserve;
-    const TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &batch_mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &batch_variance));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, channels, &reserve));
+    ForwardOutputs out;
+    OP_REQUIRES_OK(ctx, AllocateForward(ctx, layout, &out));
     const size_t bytes = cuda::ForwardWorkspaceBytes(kDType<T>, layout, args_.training);
     Tensor workspace;
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
     const cudaError_t error = cuda::BatchNormForward(
         kDType<T>, layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
         DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
-        DataOrNull<U>(ctx->input(4)), args_, y->flat<T>().data(),
-        batch_mean->flat<U>().data(), batch_variance->flat<U>().data(),
-        reserve->flat<U>().data(), workspace.flat<int8_t>().data(), bytes, OpStream(ctx));
+        DataOrNull<U>(ctx->input(4)), args_, out.y->flat<T>().data(),
+        out.batch_mean->flat<U>().data(), out.batch_variance->flat<U>().data(),
+        out.reserve->flat<U>().data(), workspace.flat<int8_t>().data(), bytes, OpStream(ctx));
     OP_REQUIRES_OK(ctx, LaunchStatus(error, "TfbnBatchNorm"));
   }
 };

@@ -114,6 +114,22 @@ class BatchNormOpBase : public tensorflow::OpKernel {
                    layout);
   }
 
+  // The forward's outputs: y (which may take over x's or the residual's buffer: every
+  // element is read before it is written) and the three per-channel vectors.
+  struct ForwardOutputs {
+    tensorflow::Tensor *y, *batch_mean, *batch_variance, *reserve;
+  };
+  absl::Status AllocateForward(tensorflow::OpKernelContext* ctx, const Layout& layout,
+                               ForwardOutputs* out) const {
+    const tensorflow::TensorShape channels({layout.channels});
+    TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output(
+        has_residual_ ? std::initializer_list<int>{0, 5} : std::initializer_list<int>{0}, 0,
+        ctx->input(0).shape(), &out->y));
+    TF_RETURN_IF_ERROR(ctx->allocate_output(1, channels, &out->batch_mean));
+    TF_RETURN_IF_ERROR(ctx->allocate_output(2, channels, &out->batch_variance));
+    return ctx->allocate_output(3, channels, &out->reserve);
+  }
+
   // The gradient's checks (dy and x of one shape); returns the layout of x.
   absl::Status PrepareBackward(tensorflow::OpKernelContext* ctx, Layout* layout) const {
     const tensorflow::Tensor& dy = ctx->input(0);
