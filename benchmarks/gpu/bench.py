@@ -203,17 +203,73 @@ def run_case(core, c, hw, dtype, layout, min_ms):
     }
 
 
+# (channels, spatial, dtype, layout) of the cases whose kernels --profile times one by one
+PROFILE_CASES = [(64, 112, "bfloat16", "channels_last"), (128, 28, "float32", "channels_last"),
+                 (1024, 14, "bfloat16", "contiguous"), (2048, 7, "float32", "contiguous")]
+
+
+def profile_kernels(core, c, hw, dtype, layout, calls=5):
+    """Per-kernel device time of tfbn's forward and backward (torch.profiler, CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    dt = getattr(torch, dtype)
+    shape = (BATCH, hw, hw, c) if layout == "channels_last" else (BATCH, c, hw, hw)
+    x = torch.randn(shape, device="cuda", dtype=torch.float32).to(dt)
+    ours = Ours(core, x, -1 if layout == "channels_last" else 1)
+    ours.forward()
+    ours.backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            ours.forward()
+            ours.backward()
+        torch.cuda.synchronize()
+    mb = x.numel() * x.element_size() / 1e6
+    print(f"kernels of {c}x{hw} {dtype} {layout} ({mb:.0f} MB), us per call:", flush=True)
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if total and e.count:
+            name = e.key.split("(")[0].split("<")[0].split("::")[-1]
+            args = e.key[e.key.find("<"):e.key.find(">(") + 1][:70] if "<" in e.key else ""
+            print(f"  {total / calls:9.1f}  x{e.count // calls}  {name} {args}", flush=True)
+
+
+def write(out_dir, core, path, results, started, final=False):
+    big = [r for r in results if r["megabytes"] >= 64]
+    summary = {
+        "cases": len(results),
+        "complete": final,
+        "cases_at_least_64MB": len(big),
+        "min_fraction_of_copy_64MB": min((r["tfbn_fraction_of_copy"] for r in big), default=None),
+        "min_speedup_vs_torch_channels_last_64MB": min(
+            (r["speedup_vs_torch"] for r in big if r["layout"] == "channels_last"), default=None),
+        "seconds": time.time() - started,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "bench_gpu.json")
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "torch_cuda": torch.version.cuda, "tfbn_core": path,
+                   "cuda_runtime": core.cuda_runtime_version(),
+                   "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
+                   "summary": summary, "results": results}, f, indent=1)
+    if final:
+        print("summary:", json.dumps(summary), flush=True)
+        print("wrote", out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="4 shapes, shorter timings")
     parser.add_argument("--min-ms", type=float, default=25.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each kernel of a few cases (torch.profiler)")
     args = parser.parse_args()
     core, path = load_core()
     shapes = RESNET50_BN[::3] if args.quick else RESNET50_BN
     min_ms = 10.0 if args.quick else args.min_ms
     torch.backends.cudnn.benchmark = True
-    results = []
+    results, failures = [], 0
     header = (f"{'C':>5} {'HW':>4} {'dtype':>8} {'layout':>13} {'MB':>7} | "
               f"{'tfbn f+b us':>11} {'torch f+b us':>12} {'speedup':>7} | "
               f"{'moved GB/s':>10} {'copy GB/s':>9} {'of copy':>7}")
@@ -223,31 +279,27 @@ def main():
     for dtype in ("float32", "bfloat16"):
         for layout in ("channels_last", "contiguous"):
             for c, hw in shapes:
-                r = run_case(core, c, hw, dtype, layout, min_ms)
+                try:
+                    r = run_case(core, c, hw, dtype, layout, min_ms)
+                except (RuntimeError, ValueError) as e:  # report and go on to the next case
+                    print(f"{c:>5} {hw:>4} {dtype:>8} {layout:>13} FAILED: {e}", flush=True)
+                    failures += 1
+                    continue
                 results.append(r)
                 print(f"{c:>5} {hw:>4} {dtype:>8} {layout:>13} {r['megabytes']:>7.1f} | "
                       f"{r['us']['tfbn_fwd_bwd']:>11.1f} {r['us']['torch_fwd_bwd']:>12.1f} "
                       f"{r['speedup_vs_torch']:>7.2f} | {r['gbps']['tfbn_fwd_bwd_moved']:>10.0f} "
                       f"{r['gbps']['copy']:>9.0f} {r['tfbn_fraction_of_copy']:>7.2f}", flush=True)
-    big = [r for r in results if r["megabytes"] >= 64]
-    summary = {
-        "cases": len(results),
-        "cases_at_least_64MB": len(big),
-        "min_fraction_of_copy_64MB": min((r["tfbn_fraction_of_copy"] for r in big), default=None),
-        "min_speedup_vs_torch_channels_last_64MB": min(
-            (r["speedup_vs_torch"] for r in big if r["layout"] == "channels_last"), default=None),
-        "seconds": time.time() - started,
-    }
-    print("summary:", json.dumps(summary), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, "bench_gpu.json")
-    with open(out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "torch_cuda": torch.version.cuda, "tfbn_core": path,
-                   "cuda_runtime": core.cuda_runtime_version(),
-                   "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
-                   "summary": summary, "results": results}, f, indent=1)
-    print("wrote", out)
+                write(args.out, core, path, results, started)  # kept if the run is cut short
+    write(args.out, core, path, results, started, final=True)
+    if args.profile:
+        for case in PROFILE_CASES:
+            try:
+                profile_kernels(core, *case)
+            except Exception as e:  # noqa: BLE001 -- a profiler that cannot run is no failure
+                print(f"profile {case}: {type(e).__name__}: {e}", flush=True)
+    if failures:
+        sys.exit(f"bench: {failures} case(s) failed")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 # pybind11, PyTorch with CUDA, pytest): builds the CUDA core and a CUDA-only tfbn._core
 # (-DTFBN_TF_OPS=OFF), runs tests/gpu, then the benchmark. Results go to the folder given
 # as $1, or $OUT, or ./gpu-results: env.txt, build.log, tests.log (+ junit xml),
-# bench.log, bench_gpu.json. Exit status: the first failing step's.
+# bench.log, bench_gpu.json, sanitizer.log. Exit status: the first failing step's.
 #   benchmarks/gpu/check.sh [OUT_DIR]          TFBN_BENCH_ARGS=--quick for a short bench
+# TFBN_GPU_ARCHS picks the CUDA architectures (default: the release list, sm_75..sm_90+PTX);
+# TFBN_SANITIZE=0 skips the compute-sanitizer pass over a few small tests.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT_DIR="$(mkdir -p "${1:-${OUT:-$PWD/gpu-results}}" && cd "${1:-${OUT:-$PWD/gpu-results}}" && pwd)"
@@ -28,7 +30,8 @@ step env
 step build
 t0=$(date +%s)
 if ! { cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-         -DTFBN_TF_OPS=OFF -DTFBN_CUDA=ON -DPython_EXECUTABLE="$(command -v "$PY")" \
+         -DTFBN_TF_OPS=OFF -DTFBN_CUDA=ON ${TFBN_GPU_ARCHS:+-DTFBN_CUDA_ARCHS="$TFBN_GPU_ARCHS"} \
+         -DPython_EXECUTABLE="$(command -v "$PY")" \
          -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
        cmake --build "$BUILD" --parallel; } > "$OUT_DIR/build.log" 2>&1; then
   tail -40 "$OUT_DIR/build.log"
@@ -40,16 +43,33 @@ CORE="$(ls "$BUILD"/_core*.so | head -1)"
 export TFBN_CORE_PATH="$CORE"
 
 step tests
-timeout 330 "$PY" -m pytest "$ROOT/tests/gpu" -q -rs -p no:cacheprovider \
+# a per-test limit (pytest-timeout, where installed) so that one hung kernel costs one test
+TIMEOUT_ARGS=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT_ARGS=(--timeout 90)
+timeout 300 "$PY" -m pytest "$ROOT/tests/gpu" -q -rs -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
   --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc
 
 step bench
-timeout 210 "$PY" "$ROOT/benchmarks/gpu/bench.py" --out "$OUT_DIR" ${TFBN_BENCH_ARGS:-} 2>&1 |
+timeout 210 "$PY" "$ROOT/benchmarks/gpu/bench.py" --out "$OUT_DIR" ${TFBN_BENCH_ARGS:---profile} 2>&1 |
   tee "$OUT_DIR/bench.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+
+if [ "${TFBN_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer > /dev/null; then
+  step sanitizer
+  # out-of-bounds accesses in both layouts, float32 and float16, small shapes
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest \
+    "$ROOT/tests/gpu" -q -p no:cacheprovider -x \
+    -k "(forward_training or backward_training) and (float32 or float16) or empty_batch" \
+    > "$OUT_DIR/sanitizer.log" 2>&1
+  rc=$?
+  tail -5 "$OUT_DIR/sanitizer.log"
+  echo "compute-sanitizer exit status: $rc" | tee -a "$OUT_DIR/sanitizer.log"
+  # 99: memcheck found errors (other failures: the tool could not run on this machine)
+  [ "$rc" -eq 99 ] && [ "$status" -eq 0 ] && status=$rc
+fi
 
 step "done (status $status)"
 exit "$status"

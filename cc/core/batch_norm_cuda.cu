@@ -5,15 +5,20 @@
 // workspace (terms computed in U and summed in U over short stretches that are flushed
 // into double, as the CPU kernels do); a small finalize kernel merges the partials in a
 // fixed order and turns them into per-channel coefficients (the CPU code's formulas,
-// evaluated in double); an elementwise kernel applies the coefficients. Two layouts of the [outer, C, inner] view:
+// evaluated in double); an elementwise kernel applies the coefficients, visiting the data
+// last-first so that the part the reduction read last is still in L2. Two layouts of the
+// [outer, C, inner] view:
 //   rows   (inner == 1, channels last): a thread owns kVec adjacent channels and walks rows;
-//   planes (inner > 1): a block owns one channel and a range of its outer*inner elements.
+//   planes (inner > 1): a channel gets a block, or 64 threads of one when it has little
+//          data, for a range of its outer*inner elements.
 //
 // Determinism: what each thread sums, in which order, and how blocks and threads are merged
 // depends on the shape and dtype only. Vector loads are an implementation detail of the
-// same element order (the scalar fallback for misaligned data visits the same elements in
-// the same order), so alignment does not change the bits either. The file is compiled with
-// --fmad=false: no multiply-add contraction, so the arithmetic is the CPU code's.
+// same element order (narrower or scalar loads for misaligned data, or planes that are not
+// a multiple of the vector, visit the same elements in the same order), so alignment does
+// not change the bits either. The file is compiled with --fmad=false: no multiply-add
+// contraction, so the arithmetic is the CPU code's. Tuning constants below were chosen by
+// timing on an H200 (benchmarks/gpu).
 #include "core/batch_norm_cuda.h"
 
 #include <cuda_bf16.h>
@@ -21,8 +26,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 
 #ifndef __CUDACC__
 #error "batch_norm_cuda.cu must be compiled by nvcc"
@@ -37,14 +44,26 @@ constexpr int kThreads = 256;  // threads per block of the reduction and apply k
 // resident warps) in check; the bytes in flight per thread stay the same.
 template <class Op>
 constexpr int kUnroll = Op::kInputs == 2 ? 2 : 4;
+// The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise).
+// The unroll only groups loads: the order in which elements are summed does not depend on it.
+template <class Op>
+constexpr int kReduceUnroll = 2 * kUnroll<Op>;
 constexpr int kReduceMinBlocks = 2;  // per SM: caps registers at 128
 constexpr int kApplyMinBlocks = 3;   // per SM: caps registers at 80
 constexpr int kApplyRowsMinBlocks = 2;  // keeps 4 x kVec coefficients per thread in registers
-// Reduction partition: about kTargetBlocks blocks over the whole tensor, none smaller than
+constexpr int kApplyMixedMinBlocks = 2;  // two channels' coefficients per group
+// Reduction partition: about kTarget*Blocks blocks over the whole tensor, none smaller than
 // kMinBlockElements, at most kMaxBlocks partials per channel. Shape-only constants.
-constexpr int64_t kTargetBlocks = 1024;
+// Rows: fewer partial rows for the finalize to merge; planes: on an H200, 512 made the
+// planar cases slower.
+constexpr int64_t kTargetRowsBlocks = 512;
+constexpr int64_t kTargetPlanesBlocks = 1024;
 constexpr int64_t kMinBlockElements = 16384;
 constexpr int64_t kMaxBlocks = 1024;
+// Planes: a channel gets kSmallTPC threads instead of a whole block when a block's share
+// of it would give its threads fewer than kMinGroupsPerThread vector groups each.
+constexpr int kSmallTPC = 64;
+constexpr int64_t kMinGroupsPerThread = 32;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kMaxGridY = 65535;
 constexpr size_t kWorkspaceAlign = 256;
@@ -173,28 +192,34 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t off
 // Rows layout [rows, C]. Block (tile, b): channels of tile, rows [Split(b), Split(b+1)).
 // Thread (tx, ty) owns kVec channels and rows r = begin + ty + k * TY, summed in that order
 // (kFlush rows per stretch); the TY partial sums of a channel are merged by a fixed tree
-// in shared memory.
+// in shared memory. The double sums live in that shared memory from the start (each thread
+// its own slots), which leaves the registers to loads in flight.
 template <class Op, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb,
                      double* partial) {
   using T = typename Op::T;
   using U = typename Op::U;
-  constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  constexpr int V = kVec<T>, kU = kReduceUnroll<Op>;
   static_assert(kFlush % kU == 0, "a stretch is whole unrolled steps");
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t tile = blockIdx.x % tiles, b = blockIdx.x / tiles;
   const int64_t c0 = (tile * TX + tx) * V;
   const int64_t r_end = Split(b + 1, nb, rows);
-  double s1[V], s2[V];
-  Center<U> center[V];
+  // Shared memory [2][TY][V][TX]: conflict-free across tx.
+  extern __shared__ double smem[];
+  double* sm1 = smem;
+  double* sm2 = smem + TY * V * TX;
 #pragma unroll
   for (int l = 0; l < V; ++l) {
-    s1[l] = 0.0;
-    s2[l] = 0.0;
-    center[l] = c0 + l < C ? op.CenterOf(c0 + l) : Center<U>{U(0), U(0)};
+    sm1[(ty * V + l) * TX + tx] = 0.0;
+    sm2[(ty * V + l) * TX + tx] = 0.0;
   }
   if (c0 < C) {
+    Center<U> center[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l)
+      center[l] = c0 + l < C ? op.CenterOf(c0 + l) : Center<U>{U(0), U(0)};
     const int64_t left = C - c0;
     for (int64_t r = Split(b, nb, rows) + ty; r < r_end;) {
       U a1[V], a2[V];
@@ -223,19 +248,10 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
       }
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        s1[l] += static_cast<double>(a1[l]);
-        s2[l] += static_cast<double>(a2[l]);
+        sm1[(ty * V + l) * TX + tx] += static_cast<double>(a1[l]);
+        sm2[(ty * V + l) * TX + tx] += static_cast<double>(a2[l]);
       }
     }
-  }
-  // Shared memory [2][TY][V][TX]: conflict-free across tx.
-  extern __shared__ double smem[];
-  double* sm1 = smem;
-  double* sm2 = smem + TY * V * TX;
-#pragma unroll
-  for (int l = 0; l < V; ++l) {
-    sm1[(ty * V + l) * TX + tx] = s1[l];
-    sm2[(ty * V + l) * TX + tx] = s2[l];
   }
   for (int s = TY / 2; s > 0; s >>= 1) {
     __syncthreads();
@@ -257,37 +273,32 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
   }
 }
 
-// Sum over the block of one double per thread, fixed shuffle tree then warps in order.
-// The result is valid in thread 0.
-__device__ __forceinline__ double BlockSum(double v, double* smem) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    v = smem[0];
-    for (int w = 1; w < kThreads / 32; ++w) v += smem[w];
-  }
-  return v;
-}
-
 // Loads the kVec elements g*kVec.. of channel c's [outer, inner] sequence, starting at
-// (o, i); elements past m (misaligned path only) give zero and are not summed.
-template <typename T, bool kAligned>
+// (o, i), as kVec / VL loads of VL elements (inner % VL == 0 and data aligned to VL
+// elements, so no load crosses a plane). Elements past m give zero and are not summed
+// (valid is a multiple of VL). VL changes only the loads, never the element order.
+template <typename T, int VL>
 __device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o, int64_t i,
                                                          int64_t inner, int64_t plane_stride,
                                                          int valid) {
   constexpr int V = kVec<T>;
-  if constexpr (kAligned) {
+  if constexpr (VL == V) {
     return LoadPack<T, V>(p + o * plane_stride + i);
   } else {
     Pack<T, V> r;
 #pragma unroll
-    for (int l = 0; l < V; ++l) {
-      r.v[l] = l < valid ? p[o * plane_stride + i] : Num<T>::FromU(0);
-      if (++i == inner) {
+    for (int s = 0; s < V / VL; ++s) {
+      Pack<T, VL> piece;
+      if (s * VL < valid) {
+        piece = LoadPack<T, VL>(p + o * plane_stride + i);
+      } else {
+#pragma unroll
+        for (int l = 0; l < VL; ++l) piece.v[l] = Num<T>::FromU(0);
+      }
+#pragma unroll
+      for (int l = 0; l < VL; ++l) r.v[s * VL + l] = piece.v[l];
+      i += VL;
+      if (i == inner) {
         i = 0;
         ++o;
       }
@@ -296,34 +307,45 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o
   }
 }
 
-// Planes layout [outer, C, inner]. Block (c, b) sums groups [Split(b), Split(b+1)) of
-// channel c (a group is kVec consecutive elements of its outer*inner sequence); thread t
-// takes groups begin + t + k * kThreads in that order, kFlush / kVec groups per stretch.
-// kAligned: inner % kVec == 0 and 16-byte aligned data, so a group is one vector load
-// inside one plane.
-template <class Op, bool kAligned>
+// Planes layout [outer, C, inner]. A block holds kThreads / kTPC channels, kTPC threads
+// each (several channels per block when a channel has little data, so that a block's
+// fixed costs are spread over enough loads). Block (channel group, b) sums groups
+// [Split(b), Split(b+1)) of each of its channels (a group is kVec consecutive elements of
+// the channel's outer*inner sequence); thread t of a channel takes groups
+// begin + t + k * kTPC in that order, kFlush / kVec groups per stretch, and the channel's
+// threads merge by a fixed shuffle tree, then their warps in order.
+// VL: the load width (see LoadPlaneGroup); VL == kVec: a group is one vector load.
+template <class Op, int VL, int kTPC>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     ReducePlanesKernel(Op op, int64_t outer, int64_t C, int64_t inner, int64_t nb,
                        double* partial) {
   using T = typename Op::T;
   using U = typename Op::U;
-  constexpr int V = kVec<T>, kU = kUnroll<Op>;
+  constexpr int V = kVec<T>;
   constexpr int kStretch = kFlush / V;  // groups per stretch
+  // kUnroll, not kReduceUnroll: on an H200 the larger unroll (one resident block per SM
+  // fewer) made the large planar cases slower
+  constexpr int kU = kUnroll<Op>;
+  constexpr int kPerBlock = kThreads / kTPC, kWarps = kTPC / 32;
   static_assert(kStretch % kU == 0, "a stretch is whole unrolled steps");
-  __shared__ double smem[kThreads / 32];
-  const int64_t c = blockIdx.x % C, b = blockIdx.x / C;
+  static_assert(kTPC % 32 == 0 && kThreads % kTPC == 0, "a channel has whole warps");
+  __shared__ double smem[2][kThreads / 32];
+  const int64_t channel_blocks = (C + kPerBlock - 1) / kPerBlock;
+  const int sub = threadIdx.x / kTPC, t = threadIdx.x % kTPC;
+  const int64_t c = (blockIdx.x % channel_blocks) * kPerBlock + sub;
+  const int64_t b = blockIdx.x / channel_blocks;
   const int64_t m = outer * inner;
   const int64_t groups = (m + V - 1) / V;
   const int64_t g_end = Split(b + 1, nb, groups);
-  const Center<U> center = op.CenterOf(c);
   double s1 = 0.0, s2 = 0.0;
-  int64_t g = Split(b, nb, groups) + threadIdx.x;
-  if (g < g_end) {
+  int64_t g = Split(b, nb, groups) + t;
+  if (c < C && g < g_end) {
+    const Center<U> center = op.CenterOf(c);
     const int64_t plane_stride = C * inner;
     const T* pa = op.a + c * inner;
     const T* pb = Op::kInputs == 2 ? op.b + c * inner : pa;
     int64_t o = g * V / inner, i = g * V - o * inner;
-    constexpr int64_t kStep = int64_t{kThreads} * V;
+    constexpr int64_t kStep = int64_t{kTPC} * V;
     const int64_t step_o = kStep / inner, step_i = kStep - step_o * inner;
     while (g < g_end) {
       U a1 = U(0), a2 = U(0);
@@ -332,12 +354,12 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
         int valid[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const int64_t gu = g + int64_t{u} * kThreads;
+          const int64_t gu = g + int64_t{u} * kTPC;
           valid[u] = gu < g_end ? static_cast<int>(min(int64_t{V}, m - gu * V)) : 0;
           if (valid[u] > 0) {
-            va[u] = LoadPlaneGroup<T, kAligned>(pa, o, i, inner, plane_stride, valid[u]);
+            va[u] = LoadPlaneGroup<T, VL>(pa, o, i, inner, plane_stride, valid[u]);
             if constexpr (Op::kInputs == 2)
-              vb[u] = LoadPlaneGroup<T, kAligned>(pb, o, i, inner, plane_stride, valid[u]);
+              vb[u] = LoadPlaneGroup<T, VL>(pb, o, i, inner, plane_stride, valid[u]);
           }
           i += step_i;
           o += step_o;
@@ -352,15 +374,28 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
           for (int l = 0; l < V; ++l)
             if (l < valid[u])
               Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center, a1, a2);
-        g += int64_t{kU} * kThreads;
+        g += int64_t{kU} * kTPC;
       }
       s1 += static_cast<double>(a1);
       s2 += static_cast<double>(a2);
     }
   }
-  s1 = BlockSum(s1, smem);
-  s2 = BlockSum(s2, smem);
-  if (threadIdx.x == 0) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    s1 += __shfl_down_sync(0xffffffffu, s1, off);
+    s2 += __shfl_down_sync(0xffffffffu, s2, off);
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    smem[0][warp] = s1;
+    smem[1][warp] = s2;
+  }
+  __syncthreads();
+  if (t == 0 && c < C) {
+    for (int w = 1; w < kWarps; ++w) {
+      s1 += smem[0][warp + w];
+      s2 += smem[1][warp + w];
+    }
     partial[2 * b * C + c] = s1;
     partial[(2 * b + 1) * C + c] = s2;
   }
@@ -525,7 +560,9 @@ struct GradApplyDyOnly {  // dx = ga * dy (inference)
 };
 
 // Rows layout with C % kVec == 0 and aligned data: a thread keeps the coefficients of its
-// kVec channels in registers and walks rows blockIdx.y * TY + ty + k * gridDim.y * TY.
+// kVec channels in registers and walks rows blockIdx.y * TY + ty + k * gridDim.y * TY,
+// counted from the last row: the reduction has just read the rows first to last, so the
+// ones it read last are still in L2 when this pass starts.
 template <class Op>
 __global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
     ApplyRowsKernel(const typename Op::T* a, const typename Op::T* b,
@@ -548,8 +585,9 @@ __global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
     for (int u = 0; u < kU; ++u) {
       const int64_t ru = r + u * stride;
       if (ru < rows) {
-        va[u] = LoadPack<T, V>(a + ru * C + c0);
-        if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + ru * C + c0);
+        const int64_t at = (rows - 1 - ru) * C + c0;
+        va[u] = LoadPack<T, V>(a + at);
+        if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + at);
       }
     }
 #pragma unroll
@@ -560,60 +598,100 @@ __global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
 #pragma unroll
         for (int l = 0; l < V; ++l)
           o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], k[l]);
-        StorePack<T, V>(out + ru * C + c0, o);
+        StorePack<T, V>(out + (rows - 1 - ru) * C + c0, o);
       }
     }
   }
 }
 
-// Any layout, flattened: groups of V elements that share a channel (V == 1, or planes
-// with inner % V == 0 and aligned data). Thread groups g = first + k * stride; the channel
-// is tracked incrementally (step_i = (stride*V) % inner, step_c = ((stride*V) / inner) % C,
-// both computed on the host) so the loop needs no division.
-template <class Op, int V>
-__global__ void __launch_bounds__(kThreads, kApplyMinBlocks)
+// Any layout, flattened into groups of V consecutive elements (the last may be short).
+// kMixed: inner >= V but inner % V != 0, so a group may run from one channel's plane into
+// the next channel's; otherwise a group lies in one channel (V == 1, or inner % V == 0).
+// Grid-stride over groups, taken last-first (group groups-1-g) for the reason given at
+// ApplyRowsKernel. The (position in plane, channel) of a thread's group steps back by
+// (step_i, step_c) = ((stride*V) % inner, ((stride*V) / inner) % C), computed on the host,
+// so the loop needs no division.
+template <class Op, int V, bool kMixed>
+__global__ void __launch_bounds__(kThreads, kMixed ? kApplyMixedMinBlocks : kApplyMinBlocks)
     ApplyFlatKernel(const typename Op::T* a, const typename Op::T* b,
-                    const typename Op::U* coef, typename Op::T* out, int64_t groups, int64_t C,
+                    const typename Op::U* coef, typename Op::T* out, int64_t size, int64_t C,
                     int64_t inner, int64_t step_i, int64_t step_c) {
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int kU = kUnroll<Op>;
+  const int64_t groups = (size + V - 1) / V;
   int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x;
   if (g >= groups) return;
   const int64_t stride = int64_t{gridDim.x} * kThreads;
-  const int64_t e = g * V;
+  const int64_t e = (groups - 1 - g) * V;
   const int64_t plane = e / inner;
   int64_t i = e - plane * inner;
   int64_t c = plane % C;
   for (; g < groups; g += kU * stride) {
     Pack<T, V> va[kU], vb[kU];
-    U k[kU][Op::kCount];
+    U k[kU][Op::kCount], k_next[kU][kMixed ? Op::kCount : 1];
+    int64_t i_of[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int64_t gu = g + u * stride;
+      i_of[u] = i;
       if (gu < groups) {
-        va[u] = LoadPack<T, V>(a + gu * V);
-        if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + gu * V);
+        const int64_t q = (groups - 1 - gu) * V;
+        if (!kMixed || q + V <= size) {
+          va[u] = LoadPack<T, V>(a + q);
+          if constexpr (Op::kInputs == 2) vb[u] = LoadPack<T, V>(b + q);
+        } else {  // the short last group
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            va[u].v[l] = q + l < size ? a[q + l] : Num<T>::FromU(0);
+            if constexpr (Op::kInputs == 2) vb[u].v[l] = q + l < size ? b[q + l] : va[u].v[l];
+          }
+        }
 #pragma unroll
         for (int j = 0; j < Op::kCount; ++j) k[u][j] = coef[(Op::kFirst + j) * C + c];
+        if constexpr (kMixed) {
+          const int64_t c_next = c + 1 == C ? 0 : c + 1;
+#pragma unroll
+          for (int j = 0; j < Op::kCount; ++j)
+            k_next[u][j] = i + V > inner ? coef[(Op::kFirst + j) * C + c_next] : k[u][j];
+        }
       }
-      i += step_i;
-      c += step_c;
-      if (i >= inner) {
-        i -= inner;
-        ++c;
+      i -= step_i;
+      c -= step_c;
+      if (i < 0) {
+        i += inner;
+        --c;
       }
-      if (c >= C) c -= C;
+      if (c < 0) c += C;
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int64_t gu = g + u * stride;
       if (gu < groups) {
+        const int64_t q = (groups - 1 - gu) * V;
         Pack<T, V> o;
+        const int64_t in_plane = inner - i_of[u];  // lanes before the next channel's plane
+        if (!kMixed || in_plane >= V) {  // the common case: one channel
 #pragma unroll
-        for (int l = 0; l < V; ++l)
-          o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], k[u]);
-        StorePack<T, V>(out + gu * V, o);
+          for (int l = 0; l < V; ++l)
+            o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], k[u]);
+        } else {
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            U kl[Op::kCount];
+#pragma unroll
+            for (int j = 0; j < Op::kCount; ++j)
+              kl[j] = l < in_plane ? k[u][j] : k_next[u][kMixed ? j : 0];
+            o.v[l] = Op::Apply(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], kl);
+          }
+        }
+        if (!kMixed || q + V <= size) {
+          StorePack<T, V>(out + q, o);
+        } else {
+#pragma unroll
+          for (int l = 0; l < V; ++l)
+            if (q + l < size) out[q + l] = o.v[l];
+        }
       }
     }
   }
@@ -632,7 +710,8 @@ int Pow2AtLeast(int64_t n, int cap) {
 struct ReducePlan {
   bool rows = false;  // inner == 1
   int tx = 1, ty = 1;  // rows: threads over channel groups x rows
-  int64_t tiles = 1;   // rows: channel tiles of tx * kVec channels
+  int tpc = kThreads;  // planes: threads per channel
+  int64_t tiles = 1;   // rows: channel tiles of tx * kVec channels; planes: channel blocks
   int64_t nb = 0;      // blocks per channel (0: nothing to reduce)
   int64_t grid() const { return nb * tiles; }
 };
@@ -648,15 +727,17 @@ ReducePlan MakeReducePlan(const Layout& layout, int vec, bool reduce) {
     p.ty = kThreads / p.tx;
     p.tiles = CeilDiv(groups, p.tx);
     const int64_t tile_channels = std::min<int64_t>(C, int64_t{p.tx} * vec);
-    const int64_t want = std::min(CeilDiv(kTargetBlocks, p.tiles),
+    const int64_t want = std::min(CeilDiv(kTargetRowsBlocks, p.tiles),
                                   CeilDiv(m * tile_channels, kMinBlockElements));
     p.nb = std::clamp<int64_t>(want, 1, std::min(m, kMaxBlocks));
   } else {
-    p.tiles = C;
     const int64_t groups = CeilDiv(m, vec);
     const int64_t want =
-        std::min(CeilDiv(kTargetBlocks, C), CeilDiv(m, kMinBlockElements));
+        std::min(CeilDiv(kTargetPlanesBlocks, C), CeilDiv(m, kMinBlockElements));
     p.nb = std::clamp<int64_t>(want, 1, std::min(groups, kMaxBlocks));
+    // Little data per channel: kThreads / kSmallTPC channels share a block.
+    if (CeilDiv(groups, p.nb) < int64_t{kThreads} * kMinGroupsPerThread) p.tpc = kSmallTPC;
+    p.tiles = CeilDiv(C, kThreads / p.tpc);
   }
   return p;
 }
@@ -680,47 +761,109 @@ WorkspacePlan MakeWorkspacePlan(const Layout& layout, const ReducePlan& plan, si
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Finalize kernels: FX channels x FY partial rows per block.
+// Finalize kernels: FX channels x FY partial rows per block. Few channels get narrow
+// blocks, so that more blocks (and rows of threads) share the merge of up to kMaxBlocks
+// partial rows, which is a chain of dependent loads per thread.
 dim3 FinalizeBlock(int64_t C) {
-  const int fx = Pow2AtLeast(C, 32);
+  const int fx = C <= 256 ? 8 : C <= 512 ? 16 : 32;
   return dim3(fx, kFinalizeThreads / fx);
 }
 
-template <class Op>
-void LaunchReduce(const Op& op, const Layout& layout, const ReducePlan& plan, bool aligned,
-                  double* partial, cudaStream_t stream) {
-  using T = typename Op::T;
-  const unsigned grid = static_cast<unsigned>(plan.grid());
-  if (plan.rows) {
-    const dim3 block(plan.tx, plan.ty);
-    const size_t smem = 2 * size_t{kThreads} * kVec<T> * sizeof(double);
-    if (aligned)
-      ReduceRowsKernel<Op, true><<<grid, block, smem, stream>>>(
-          op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
-    else
-      ReduceRowsKernel<Op, false><<<grid, block, smem, stream>>>(
-          op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
-  } else if (aligned) {
-    ReducePlanesKernel<Op, true><<<grid, kThreads, 0, stream>>>(
-        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
-  } else {
-    ReducePlanesKernel<Op, false><<<grid, kThreads, 0, stream>>>(
-        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
+// The widest load (elements: a power of two up to kVec) that keeps each load of a group
+// inside one row (period C) or plane (period inner) and aligned for every pointer given.
+template <typename T>
+int LoadWidth(int64_t period, std::initializer_list<const void*> pointers) {
+  int w = kVec<T>;
+  for (; w > 1; w /= 2) {
+    bool ok = period % w == 0;
+    for (const void* p : pointers) ok = ok && reinterpret_cast<uintptr_t>(p) % (w * sizeof(T)) == 0;
+    if (ok) break;
   }
+  return w;
 }
 
-template <class Op, int V>
+template <class Op, int VL = kVec<typename Op::T>>
+void LaunchReducePlanes(const Op& op, const Layout& layout, const ReducePlan& plan, int width,
+                        double* partial, cudaStream_t stream) {
+  if constexpr (VL > 1) {
+    if (width < VL) return LaunchReducePlanes<Op, VL / 2>(op, layout, plan, width, partial, stream);
+  }
+  const unsigned grid = static_cast<unsigned>(plan.grid());
+  if (plan.tpc == kSmallTPC)
+    ReducePlanesKernel<Op, VL, kSmallTPC><<<grid, kThreads, 0, stream>>>(
+        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
+  else
+    ReducePlanesKernel<Op, VL, kThreads><<<grid, kThreads, 0, stream>>>(
+        op, layout.outer, layout.channels, layout.inner, plan.nb, partial);
+}
+
+// width: LoadWidth of the inputs (rows: whole vectors or single elements).
+template <class Op>
+void LaunchReduce(const Op& op, const Layout& layout, const ReducePlan& plan, int width,
+                  double* partial, cudaStream_t stream) {
+  using T = typename Op::T;
+  if (!plan.rows) return LaunchReducePlanes(op, layout, plan, width, partial, stream);
+  const unsigned grid = static_cast<unsigned>(plan.grid());
+  const dim3 block(plan.tx, plan.ty);
+  const size_t smem = 2 * size_t{kThreads} * kVec<T> * sizeof(double);
+  if (width == kVec<T>)
+    ReduceRowsKernel<Op, true><<<grid, block, smem, stream>>>(
+        op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+  else
+    ReduceRowsKernel<Op, false><<<grid, block, smem, stream>>>(
+        op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+}
+
+// Blocks of Kernel (kThreads threads, no dynamic shared memory) that the current device
+// holds at once: the grid of the grid-stride elementwise kernels, so that each thread loads
+// its coefficients once and then streams. Cached per kernel and device; 0 when the runtime
+// cannot say (the caller then launches one block per piece of work).
+template <auto Kernel>
+int64_t ResidentBlocks() {
+  constexpr int kDevices = 64;
+  static std::atomic<int64_t> cache[kDevices];  // zero-initialized: static storage
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    cudaGetLastError();
+    return 0;
+  }
+  int64_t n = cache[device].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  n = int64_t{sms} * std::max(per_sm, 1);
+  cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// At most `resident` blocks (when known), at least one.
+int64_t GridOf(int64_t needed, int64_t resident) {
+  return std::max<int64_t>(1, resident > 0 ? std::min(needed, resident) : needed);
+}
+
+template <class Op, int V, bool kMixed>
 void LaunchApplyFlat(const typename Op::T* a, const typename Op::T* b,
                      const typename Op::U* coef, typename Op::T* out, const Layout& layout,
                      cudaStream_t stream) {
-  const int64_t groups = layout.size() / V;
-  const int64_t blocks = std::min<int64_t>(CeilDiv(groups, int64_t{kThreads} * kUnroll<Op>),
-                                           int64_t{1} << 20);
+  // The grid: on an H200, resident blocks only (each thread loops, as for rows) were the
+  // faster choice for 16-bit types and for groups that span two planes, one pass of the
+  // loop per thread for the other cases.
+  constexpr auto kKernel = ApplyFlatKernel<Op, V, kMixed>;
+  constexpr bool kResidentGrid = kMixed || sizeof(typename Op::T) == 2;
+  const int64_t groups = CeilDiv(layout.size(), V);
+  const int64_t needed = CeilDiv(groups, int64_t{kThreads} * kUnroll<Op>);
+  const int64_t blocks = std::min<int64_t>(
+      kResidentGrid ? GridOf(needed, ResidentBlocks<kKernel>()) : needed, int64_t{1} << 20);
   const int64_t step = blocks * kThreads * V;
   const int64_t step_i = step % layout.inner;
   const int64_t step_c = (step / layout.inner) % layout.channels;
-  ApplyFlatKernel<Op, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      a, b, coef, out, groups, layout.channels, layout.inner, step_i, step_c);
+  kKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      a, b, coef, out, layout.size(), layout.channels, layout.inner, step_i, step_c);
 }
 
 // Elementwise pass: vectorized rows or planes when the layout and pointers allow it,
@@ -736,15 +879,20 @@ void LaunchApply(const typename Op::T* a, const typename Op::T* b, const typenam
     const int64_t groups = layout.channels / V;
     const int tx = Pow2AtLeast(groups, 32), ty = kThreads / tx;
     const int64_t tiles = CeilDiv(groups, tx);
+    const int64_t resident = ResidentBlocks<ApplyRowsKernel<Op>>();
     const int64_t row_blocks =
-        std::min(CeilDiv(layout.outer, int64_t{ty} * kUnroll<Op>), kMaxGridY);
+        std::min(GridOf(CeilDiv(layout.outer, int64_t{ty} * kUnroll<Op>),
+                        resident > 0 ? std::max<int64_t>(1, resident / tiles) : 0),
+                 kMaxGridY);
     ApplyRowsKernel<Op><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks)),
                           dim3(tx, ty), 0, stream>>>(a, b, coef, out, layout.outer,
                                                      layout.channels);
   } else if (layout.inner > 1 && layout.inner % V == 0 && ptrs) {
-    LaunchApplyFlat<Op, V>(a, b, coef, out, layout, stream);
+    LaunchApplyFlat<Op, V, false>(a, b, coef, out, layout, stream);
+  } else if (layout.inner >= V && ptrs) {
+    LaunchApplyFlat<Op, V, true>(a, b, coef, out, layout, stream);
   } else {
-    LaunchApplyFlat<Op, 1>(a, b, coef, out, layout, stream);
+    LaunchApplyFlat<Op, 1, false>(a, b, coef, out, layout, stream);
   }
 }
 
@@ -770,9 +918,8 @@ cudaError_t Forward(const Layout& layout, const T* x, const ParamT<T>* scale,
   double* partial = static_cast<double*>(workspace);
   U* coef = reinterpret_cast<U*>(static_cast<char*>(workspace) + w.partial_bytes);
   if (plan.nb > 0) {
-    const bool aligned = Aligned16(x) && (plan.rows ? C : layout.inner) % kVec<T> == 0;
-    LaunchReduce(MomentsOp<T>{x, nullptr, layout.inner}, layout, plan, aligned, partial,
-                 stream);
+    const int width = LoadWidth<T>(plan.rows ? C : layout.inner, {x});
+    LaunchReduce(MomentsOp<T>{x, nullptr, layout.inner}, layout, plan, width, partial, stream);
   }
   const dim3 fblock = FinalizeBlock(C);
   ForwardFinalizeKernel<T><<<static_cast<unsigned>(CeilDiv(C, fblock.x)), fblock, 0, stream>>>(
@@ -798,9 +945,8 @@ cudaError_t Backward(const Layout& layout, const T* dy, const T* x, const ParamT
   double* partial = static_cast<double*>(workspace);
   U* coef = reinterpret_cast<U*>(static_cast<char*>(workspace) + w.partial_bytes);
   if (plan.nb > 0) {
-    const bool aligned = Aligned16(dy) && Aligned16(x) &&
-                         (plan.rows ? C : layout.inner) % kVec<T> == 0;
-    LaunchReduce(GradSumsOp<T>{dy, x, mean, residual}, layout, plan, aligned, partial, stream);
+    const int width = LoadWidth<T>(plan.rows ? C : layout.inner, {dy, x});
+    LaunchReduce(GradSumsOp<T>{dy, x, mean, residual}, layout, plan, width, partial, stream);
   }
   const dim3 fblock = FinalizeBlock(C);
   BackwardFinalizeKernel<U><<<static_cast<unsigned>(CeilDiv(C, fblock.x)), fblock, 0, stream>>>(

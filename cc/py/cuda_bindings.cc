@@ -1,7 +1,8 @@
 // tfbn._core CUDA entry points: the core CUDA launchers on device tensors of any framework.
 //
 // A device tensor is any of
-//   - an object with __cuda_array_interface__ (CuPy, Numba, PyTorch except bfloat16),
+//   - an object with __cuda_array_interface__ (CuPy, Numba, PyTorch except bfloat16,
+//     whose typestr "<V2" is only "2 bytes"),
 //   - an object with __dlpack__ (PyTorch, CuPy, JAX; the way in for bfloat16),
 //   - a tuple (data_ptr: int, shape: tuple, dtype: str), for callers that want no
 //     per-call protocol overhead (benchmarks).
@@ -71,6 +72,8 @@ struct DeviceArray {
 
 bool CompactStrides(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
                     int64_t unit) {
+  for (int64_t d : shape)
+    if (d == 0) return true;  // no elements: any strides describe the layout (DLPack's vary)
   int64_t expect = unit;
   for (size_t d = shape.size(); d-- > 0;) {
     if (shape[d] != 1 && strides[d] != expect) return false;
@@ -97,10 +100,16 @@ bool FromCudaArrayInterface(const py::handle& obj, const char* name, DeviceArray
   } catch (const py::error_already_set&) {
     return false;  // e.g. PyTorch bfloat16: try DLPack
   }
+  int64_t itemsize = 0;
+  const std::string dtype = TypestrName(cai["typestr"].cast<std::string>(), &itemsize);
+  // A typestr NumPy has no name for (PyTorch gives bfloat16 as "<V2"): the DLPack
+  // capsule, where there is one, says what the bytes are.
+  if (dtype.rfind("float", 0) != 0 && py::hasattr(obj, "__dlpack__")) return false;
   const py::tuple data = cai["data"];
   out->data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
   out->shape = cai["shape"].cast<std::vector<int64_t>>();
-  out->dtype = TypestrName(cai["typestr"].cast<std::string>(), &out->itemsize);
+  out->dtype = dtype;
+  out->itemsize = itemsize;
   if (cai.contains("strides") && !cai["strides"].is_none()) {
     const auto strides = cai["strides"].cast<std::vector<int64_t>>();
     if (!CompactStrides(out->shape, strides, out->itemsize))
