@@ -61,16 +61,14 @@ class BatchNormXlaOp : public XlaOpKernel {
       var_d = xla::ConvertElementType(batch_variance, xla::F64);
     }
     // a = rsqrt(var + eps) * scale, computed in float64 and rounded once (as the CPU kernel).
-    const xla::XlaOp inv_std = xla::Div(
-        Scalar(b, xla::F64, 1.0),
-        xla::Sqrt(xla::Add(var_d, Scalar(b, xla::F64, static_cast<double>(epsilon_)))));
+    const xla::XlaOp inv_std = InverseStd(var_d, epsilon_);
     const xla::XlaOp a =
         xla::ConvertElementType(xla::Mul(inv_std, VectorOr(ctx, 1, 1.0, xla::F64, C)), U);
     const xla::XlaOp offset = VectorOr(ctx, 2, 0.0, U, C);
 
     const xla::XlaOp x3 = To3d(x, v, U);
     xla::XlaOp z = xla::Add(
-        xla::Mul(xla::Sub(xla::Sub(x3, PerChannel(hi, v)), PerChannel(lo, v)), PerChannel(a, v)),
+        xla::Mul(Centred(x3, hi, lo, v), PerChannel(a, v)),
         PerChannel(offset, v));
     if (has_residual_) z = xla::Add(z, To3d(ctx->Input(5), v, U));
     ctx->SetOutput(0, FromView(Activate(z, activation_), v, T));

@@ -27,11 +27,7 @@ class BatchNormGradXlaOp : public XlaOpKernel {
   void Compile(XlaOpKernelContext* ctx) override {
     XlaView v;
     OP_REQUIRES_OK(ctx, MakeView(ctx, 1, axis_, &v));
-    OP_REQUIRES_OK(ctx, CheckLikeX(ctx, 0, "dy", v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 2, "scale", true, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 3, "mean", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 4, "variance", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 5, "reserve", true, v));
+    OP_REQUIRES_OK(ctx, CheckGradInputs(ctx, v, "reserve"));
     OP_REQUIRES_OK(ctx, CheckVector(ctx, 6, "d_batch_mean", true, v));
     OP_REQUIRES_OK(ctx, CheckVector(ctx, 7, "d_batch_variance", true, v));
     if (ctx->num_inputs() > kOffset)
@@ -46,12 +42,10 @@ class BatchNormGradXlaOp : public XlaOpKernel {
 
     const xla::XlaOp hi = ctx->Input(3);
     const xla::XlaOp lo = VectorOr(ctx, 5, 0.0, U, C);
-    const xla::XlaOp r = xla::Div(
-        f64(1.0), xla::Sqrt(xla::Add(xla::ConvertElementType(ctx->Input(4), xla::F64),
-                                     f64(static_cast<double>(epsilon_)))));
+    const xla::XlaOp r = InverseStd(xla::ConvertElementType(ctx->Input(4), xla::F64), epsilon_);
     const xla::XlaOp s = VectorOr(ctx, 2, 1.0, xla::F64, C);
     const xla::XlaOp x3 = To3d(ctx->Input(1), v, U);
-    const xla::XlaOp xc = xla::Sub(xla::Sub(x3, PerChannel(hi, v)), PerChannel(lo, v));
+    const xla::XlaOp xc = Centred(x3, hi, lo, v);
     xla::XlaOp dy3 = To3d(ctx->Input(0), v, U);
 
     const bool epilogue = has_residual_ || activation_ != Activation::kIdentity;
@@ -86,12 +80,9 @@ class BatchNormGradXlaOp : public XlaOpKernel {
       const xla::XlaOp m = f64(static_cast<double>(v.per_channel()));
       const xla::XlaOp dmu = VectorOr(ctx, 6, 0.0, xla::F64, C);
       const xla::XlaOp dvar = VectorOr(ctx, 7, 0.0, xla::F64, C);
-      const xla::XlaOp gb = xla::ConvertElementType(
-          xla::Add(xla::Div(xla::Mul(xla::Neg(xla::Mul(xla::Mul(sr, r), r)), sum_dy_xc), m),
-                   xla::Div(xla::Mul(f64(2.0), dvar), m)),
-          U);
-      const xla::XlaOp gc = xla::ConvertElementType(
-          xla::Add(xla::Div(xla::Mul(xla::Neg(sr), sum_dy), m), xla::Div(dmu, m)), U);
+      const GradCoefficients g = TrainingGradCoefficients(sr, r, sum_dy, sum_dy_xc, dmu, dvar, m);
+      const xla::XlaOp gb = xla::ConvertElementType(g.gb, U);
+      const xla::XlaOp gc = xla::ConvertElementType(g.gc, U);
       dx = xla::Add(xla::Add(dx, xla::Mul(PerChannel(gb, v), xc)), PerChannel(gc, v));
     }
     ctx->SetOutput(0, FromView(dx, v, T));

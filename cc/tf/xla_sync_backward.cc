@@ -17,13 +17,11 @@ using tensorflow::XlaOpKernelContext;
 
 constexpr int kWeights = 9;  // GradApply's input appended for masks
 
-// (x - hi) - lo as [outer, C, inner] in `type`.
-xla::XlaOp Centred(XlaOpKernelContext* ctx, const XlaView& v, int x, int hi, int lo,
-                   xla::PrimitiveType type) {
-  const xla::XlaOp mean = xla::ConvertElementType(ctx->Input(hi), type);
-  const xla::XlaOp residual = VectorOr(ctx, lo, 0.0, type, v.channels);
-  return xla::Sub(xla::Sub(To3d(ctx->Input(x), v, type), PerChannel(mean, v)),
-                  PerChannel(residual, v));
+// (x - hi) - lo as [outer, C, inner] in `type`, from inputs x, hi and lo.
+xla::XlaOp CentredInput(XlaOpKernelContext* ctx, const XlaView& v, int x, int hi, int lo,
+                        xla::PrimitiveType type) {
+  return Centred(To3d(ctx->Input(x), v, type), xla::ConvertElementType(ctx->Input(hi), type),
+                 VectorOr(ctx, lo, 0.0, type, v.channels), v);
 }
 
 // A [rows, C] float64 matrix input; rows_a or rows_b rows.
@@ -60,7 +58,7 @@ class GradSumsXlaOp : public XlaOpKernel {
     const xla::XlaOp dy = To3d(ctx->Input(0), v, U);
     const xla::XlaOp sum_dy = SumPerChannel(xla::ConvertElementType(dy, xla::F64));  // 0 if empty
     const xla::XlaOp sum_dy_xc = SumPerChannel(
-        xla::ConvertElementType(xla::Mul(dy, Centred(ctx, v, 1, 2, 3, U)), xla::F64));
+        xla::ConvertElementType(xla::Mul(dy, CentredInput(ctx, v, 1, 2, 3, U)), xla::F64));
     ctx->SetOutput(0, xla::ConcatInDim(ctx->builder(),
                                        {xla::Reshape(sum_dy, {1, C}), xla::Reshape(sum_dy_xc, {1, C})},
                                        0));
@@ -79,11 +77,7 @@ class GradApplyXlaOp : public XlaOpKernel {
   void Compile(XlaOpKernelContext* ctx) override {
     XlaView v;
     OP_REQUIRES_OK(ctx, MakeView(ctx, 1, axis_, &v));
-    OP_REQUIRES_OK(ctx, CheckLikeX(ctx, 0, "dy", v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 2, "scale", true, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 3, "mean", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 4, "variance", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 5, "mean_residual", true, v));
+    OP_REQUIRES_OK(ctx, CheckGradInputs(ctx, v, "mean_residual"));
     OP_REQUIRES_OK(ctx, CheckVector(ctx, 8, "count", false, v));
     int64_t local_rows, global_rows;
     OP_REQUIRES_OK(ctx, CheckMatrix(ctx, 6, "local_sums", 2, 2, v, &local_rows));
@@ -92,13 +86,10 @@ class GradApplyXlaOp : public XlaOpKernel {
     xla::XlaBuilder* b = ctx->builder();
     const xla::PrimitiveType T = ctx->input_xla_type(1), U = ctx->input_xla_type(3);
     const int64_t C = v.channels;
-    auto f64 = [&](double value) { return Scalar(b, xla::F64, value); };
     const xla::XlaOp zeros_d = xla::Broadcast(xla::Zero(b, xla::F64), {C});
     const xla::XlaOp zeros_u = xla::Broadcast(xla::Zero(b, U), {C});
 
-    const xla::XlaOp r = xla::Div(
-        f64(1.0), xla::Sqrt(xla::Add(xla::ConvertElementType(ctx->Input(4), xla::F64),
-                                     f64(static_cast<double>(epsilon_)))));
+    const xla::XlaOp r = InverseStd(xla::ConvertElementType(ctx->Input(4), xla::F64), epsilon_);
     const xla::XlaOp s = VectorOr(ctx, 2, 1.0, xla::F64, C);
     const xla::XlaOp local = ctx->Input(6), global = ctx->Input(7);
     ctx->SetOutput(2, xla::ConvertElementType(Row(local, 0, C), U));
@@ -113,19 +104,15 @@ class GradApplyXlaOp : public XlaOpKernel {
     const xla::XlaOp dmu = global_rows == 4 ? Row(global, 2, C) : zeros_d;
     const xla::XlaOp dvar = global_rows == 4 ? Row(global, 3, C) : zeros_d;
     const xla::XlaOp sr = xla::Mul(s, r);
-    const xla::XlaOp gb = xla::Select(
-        some,
-        xla::Add(xla::Div(xla::Mul(xla::Neg(xla::Mul(xla::Mul(sr, r), r)), Row(global, 1, C)), m),
-                 xla::Div(xla::Mul(f64(2.0), dvar), m)),
-        zeros_d);
-    const xla::XlaOp gc = xla::Select(
-        some, xla::Add(xla::Div(xla::Mul(xla::Neg(sr), Row(global, 0, C)), m), xla::Div(dmu, m)),
-        zeros_d);
+    const GradCoefficients g =
+        TrainingGradCoefficients(sr, r, Row(global, 0, C), Row(global, 1, C), dmu, dvar, m);
+    const xla::XlaOp gb = xla::Select(some, g.gb, zeros_d);
+    const xla::XlaOp gc = xla::Select(some, g.gc, zeros_d);
 
     const xla::XlaOp dy = To3d(ctx->Input(0), v, U);
     const xla::XlaOp ga_dy = xla::Mul(PerChannel(xla::ConvertElementType(sr, U), v), dy);
     const xla::XlaOp gb_xc =
-        xla::Mul(PerChannel(xla::ConvertElementType(gb, U), v), Centred(ctx, v, 1, 3, 5, U));
+        xla::Mul(PerChannel(xla::ConvertElementType(gb, U), v), CentredInput(ctx, v, 1, 3, 5, U));
     const xla::XlaOp gc_u = PerChannel(xla::ConvertElementType(gc, U), v);
     xla::XlaOp dx;
     if (HasInput(ctx, kWeights)) {

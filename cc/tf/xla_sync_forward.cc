@@ -138,17 +138,13 @@ class ApplyXlaOp : public XlaOpKernel {
     xla::XlaBuilder* b = ctx->builder();
     const xla::PrimitiveType T = ctx->input_xla_type(0), U = ctx->input_xla_type(3);
     const int64_t C = v.channels;
-    const xla::XlaOp inv_std = xla::Div(
-        Scalar(b, xla::F64, 1.0),
-        xla::Sqrt(xla::Add(xla::ConvertElementType(ctx->Input(4), xla::F64),
-                           Scalar(b, xla::F64, static_cast<double>(epsilon_)))));
+    const xla::XlaOp inv_std =
+        InverseStd(xla::ConvertElementType(ctx->Input(4), xla::F64), epsilon_);
     const xla::XlaOp a =
         xla::ConvertElementType(xla::Mul(inv_std, VectorOr(ctx, 1, 1.0, xla::F64, C)), U);
     const xla::XlaOp x3 = To3d(ctx->Input(0), v, U);
     const xla::XlaOp y = xla::Add(
-        xla::Mul(xla::Sub(xla::Sub(x3, PerChannel(ctx->Input(3), v)),
-                          PerChannel(VectorOr(ctx, 5, 0.0, U, C), v)),
-                 PerChannel(a, v)),
+        xla::Mul(Centred(x3, ctx->Input(3), VectorOr(ctx, 5, 0.0, U, C), v), PerChannel(a, v)),
         PerChannel(VectorOr(ctx, 2, 0.0, U, C), v));
     ctx->SetOutput(0, FromView(y, v, T));
   }

@@ -109,6 +109,38 @@ xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels) {
   return xla::Reshape(xla::SliceInDim(matrix, row, row + 1, 1, 0), {channels});
 }
 
+xla::XlaOp InverseStd(xla::XlaOp variance_f64, float epsilon) {
+  xla::XlaBuilder* b = variance_f64.builder();
+  return xla::Div(Scalar(b, xla::F64, 1.0),
+                  xla::Sqrt(xla::Add(variance_f64,
+                                     Scalar(b, xla::F64, static_cast<double>(epsilon)))));
+}
+
+xla::XlaOp Centred(xla::XlaOp x3, xla::XlaOp hi, xla::XlaOp lo, const XlaView& view) {
+  return xla::Sub(xla::Sub(x3, PerChannel(hi, view)), PerChannel(lo, view));
+}
+
+GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaOp sum_dy,
+                                          xla::XlaOp sum_dy_xc, xla::XlaOp d_mean,
+                                          xla::XlaOp d_variance, xla::XlaOp m) {
+  xla::XlaBuilder* b = sr.builder();
+  // gb = -s*r^3 * sum(dy*xc) / m + 2 * d_var / m;  gc = -s*r * sum(dy) / m + d_mean / m
+  const xla::XlaOp gb =
+      xla::Add(xla::Div(xla::Mul(xla::Neg(xla::Mul(xla::Mul(sr, r), r)), sum_dy_xc), m),
+               xla::Div(xla::Mul(Scalar(b, xla::F64, 2.0), d_variance), m));
+  const xla::XlaOp gc = xla::Add(xla::Div(xla::Mul(xla::Neg(sr), sum_dy), m), xla::Div(d_mean, m));
+  return {gb, gc};
+}
+
+absl::Status CheckGradInputs(XlaOpKernelContext* ctx, const XlaView& view,
+                             const char* residual_name) {
+  TF_RETURN_IF_ERROR(CheckLikeX(ctx, 0, "dy", view));
+  TF_RETURN_IF_ERROR(CheckVector(ctx, 2, "scale", true, view));
+  TF_RETURN_IF_ERROR(CheckVector(ctx, 3, "mean", false, view));
+  TF_RETURN_IF_ERROR(CheckVector(ctx, 4, "variance", false, view));
+  return CheckVector(ctx, 5, residual_name, true, view);
+}
+
 absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
                              float* epsilon) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("axis", axis));

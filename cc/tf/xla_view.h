@@ -78,6 +78,30 @@ xla::XlaOp Scalar(xla::XlaBuilder* b, xla::PrimitiveType type, double value);
 // Row `row` of a [rows, C] matrix, as a [C] vector.
 xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels);
 
+// ---- The math the lowerings share (the kernels' formulas, in their order). ----
+
+// 1 / sqrt(variance + epsilon) of a float64 [C] vector.
+xla::XlaOp InverseStd(xla::XlaOp variance_f64, float epsilon);
+
+// (x - hi) - lo over [outer, C, inner]: x centred on the mean carried in two parts, as the
+// kernels centre it (x3, hi and lo of one type).
+xla::XlaOp Centred(xla::XlaOp x3, xla::XlaOp hi, xla::XlaOp lo, const XlaView& view);
+
+// The training gradient's per-channel coefficients in float64, with
+// dx = s*r*dy + gb * ((x - hi) - lo) + gc: from sr = s*r, r, the sums of dy and of
+// dy * ((x - hi) - lo), the gradients reaching the batch mean and variance, and the count m.
+struct GradCoefficients {
+  xla::XlaOp gb, gc;
+};
+GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaOp sum_dy,
+                                          xla::XlaOp sum_dy_xc, xla::XlaOp d_mean,
+                                          xla::XlaOp d_variance, xla::XlaOp m);
+
+// The inputs the gradient ops share: dy (0) like x, scale (2, may be empty), mean (3),
+// variance (4) and the mean's residual (5, may be empty; named `residual_name`).
+absl::Status CheckGradInputs(tensorflow::XlaOpKernelContext* ctx, const XlaView& view,
+                             const char* residual_name);
+
 // Reads the attributes the lowerings share, as the kernels check them: `axis`; `epsilon`
 // (checked) where epsilon is not null; T and U (a valid pair) where the op has U.
 absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
