@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "core/activation.h"
+
 namespace tfbn {
 
 struct Layout {
@@ -61,10 +63,6 @@ void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for);
 
 // ---- The fused op, as TensorFlow and the Python module call it. ----
-
-// The activation of the fused epilogue y = act(BN(x) + residual).
-enum class Activation : int { kIdentity = 0, kRelu = 1, kRelu6 = 2, kSilu = 3 };
-constexpr int kNumActivations = 4;
 
 struct ForwardArgs {
   float epsilon = 1e-3f;
