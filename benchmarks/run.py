@@ -129,6 +129,10 @@ def main():
         command = [sys.executable, os.path.join(HERE, "distributed.py"),
                    "--out", out("distributed") + ".json"] + (["--quick"] if args.quick else [])
         subprocess.run(command, check=True)
+    if not args.quick and os.path.abspath(args.out) == os.path.join(HERE, "results"):
+        import tables  # the documents' figures from the results just written
+
+        print("\n" + tables.write_documents())
     print(f"\nresults in {args.out}; total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -1,0 +1,356 @@
+"""Markdown tables of the committed benchmark results, for README.md and docs/*.md.
+
+A document marks each generated region with an HTML comment pair:
+
+    <!-- table:NAME -->
+    ...rendered from benchmarks/results/*.json...
+    <!-- end table -->
+
+    python benchmarks/tables.py --write   re-render every region (`make docs`; `make bench`
+                                          runs it after a full run)
+    python benchmarks/tables.py --check   exit 1 where a document differs from what the
+                                          committed results give (tests/test_docs.py)
+
+Every figure in the documents comes from here, so a figure no committed run backs cannot
+stay: regenerate after each full `make bench` and commit results and documents together.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+DOCUMENTS = ["README.md", "docs/performance.md", "docs/gpu.md", "docs/xla.md",
+             "docs/distributed.md"]
+REGION = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
+ANCHOR_NAMES = {"fused_v3": "FusedBatchNormV3", "keras": "Keras layer",
+                "composite": "tf.nn composite"}
+MODE_NAMES = {"train_fwd": "training forward", "train_bwd": "training forward + backward",
+              "infer": "inference"}
+
+
+def load(name):
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def source(data, name):
+    """The line under a table naming the run it comes from."""
+    m = data.get("meta", {})
+    where = ", ".join(str(v) for v in (m.get("cpu") or data.get("machine"),
+                                       f"{m['cores']} cores" if m.get("cores") else None,
+                                       f"TensorFlow {m.get('tensorflow') or data.get('tensorflow')}")
+                      if v)
+    when = ", ".join(f"{k} {m[k]}" for k in ("commit", "date") if m.get(k))
+    return f"\n_Source: `benchmarks/results/{name}` ({where}; {when or 'no commit recorded'})._\n"
+
+
+def table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def shape(rec):
+    return "(" + ",".join(str(d) for d in rec["shape"]) + ")"
+
+
+def span(values, fmt="{:.2f}x"):
+    values = sorted(values)
+    if not values:
+        return "n/a"
+    lo, hi = fmt.format(values[0]), fmt.format(values[-1])
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def flag(r):
+    return "!" if r.get("agrees") is False else ""
+
+
+def op_records(dtype=None, mode=None):
+    data = load("op_bench.json")
+    return data, [r for r in data["records"] if (dtype is None or r["dtype"] == dtype)
+                  and (mode is None or r["mode"] == mode)]
+
+
+# ---- the tables ------------------------------------------------------------------------
+
+
+def op_float32_train():
+    data, recs = op_records("float32", "train_bwd")
+    rows = []
+    for rec in recs:
+        res = rec["results"]
+        cells = [f"{shape(rec)} {rec['layout']}", f"{res['tfbn']['ms']:.1f} ms{flag(res['tfbn'])}"]
+        for name in ("fused_v3", "keras"):
+            r = res[name]
+            cells.append(f"{r['ms']:.1f} ms{flag(r)} ({r['speedup']:.2f}x)" if "ms" in r
+                         else "n/a")
+        cells.append(f"{res['tfbn']['pct_floor']:.0f}%")
+        rows.append(cells)
+    head = ["shape", "tfbn", "FusedBatchNormV3 (tfbn's speed-up)", "Keras (speed-up)",
+            "tfbn % of floor"]
+    return table(head, rows) + source(data, "op_bench.json")
+
+
+def op_summary():
+    data, recs = op_records()
+    rows = []
+    for dtype in dict.fromkeys(r["dtype"] for r in recs):
+        for mode in MODE_NAMES:
+            group = [r for r in recs if r["dtype"] == dtype and r["mode"] == mode]
+            if not group:
+                continue
+            cells = [dtype, MODE_NAMES[mode]]
+            for name in ("fused_v3", "keras", "composite"):
+                ups = [r["results"][name]["speedup"] for r in group
+                       if "speedup" in r["results"][name]]
+                wrong = sum(r["results"][name].get("agrees") is False for r in group)
+                cells.append(span(ups) + (f" ({wrong}!)" if wrong else ""))
+            floor = [r["results"]["tfbn"]["pct_floor"] for r in group]
+            cells.append(span(floor, "{:.0f}%"))
+            rows.append(cells)
+    head = ["dtype", "mode", "over FusedBatchNormV3", "over Keras", "over tf.nn composite",
+            "tfbn % of floor"]
+    return table(head, rows) + source(data, "op_bench.json")
+
+
+def half_precision():
+    data, recs = op_records()
+    by_case = {(tuple(r["shape"]), r["axis"], r["mode"], r["dtype"]): r for r in recs}
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        for mode in MODE_NAMES:
+            ratios = [by_case[(s, a, m, "float32")]["results"]["tfbn"]["ms"]
+                      / r["results"]["tfbn"]["ms"]
+                      for (s, a, m, d), r in by_case.items()
+                      if d == dtype and m == mode and (s, a, m, "float32") in by_case]
+            if ratios:
+                rows.append([dtype, MODE_NAMES[mode], span(ratios),
+                             f"{statistics.median(ratios):.2f}x",
+                             f"{sum(x < 1 for x in ratios)} of {len(ratios)}"])
+    head = ["dtype", "mode", "float32 time / this dtype's time", "median", "slower than float32"]
+    return table(head, rows) + source(data, "op_bench.json")
+
+
+def memory():
+    data, recs = op_records(mode="train_bwd")
+    rows = []
+    for dtype in dict.fromkeys(r["dtype"] for r in recs):
+        group = [r for r in recs if r["dtype"] == dtype]
+        cells = [dtype]
+        for name in ("tfbn", "fused_v3", "keras"):
+            ratios = [r["results"][name]["peak_mb"] * 2**20 / r["nbytes"] for r in group
+                      if "peak_mb" in r["results"][name]]
+            cells.append(span(ratios))
+        rows.append(cells)
+    head = ["dtype", "tfbn", "FusedBatchNormV3", "Keras"]
+    return (table(head, rows) + "\nPeak bytes in TensorFlow's CPU allocator during one training "
+            "forward + backward call, in multiples of bytes(x), over the shapes above.\n"
+            + source(data, "op_bench.json"))
+
+
+def overhead():
+    data = load("overhead.json")
+    rows = [[name, f"{us:.0f} us"] for name, us in data["us_per_call"].items()]
+    return (table(["call", "time per call"], rows)
+            + f"\nTraining forward on {tuple(data['shape'])} {data['dtype']}, median of "
+              f"{data['samples']} samples of {data['calls_per_sample']} calls.\n"
+            + source(data, "overhead.json"))
+
+
+def e2e():
+    data = load("e2e_digits.json")
+    rows = [[name, f"{m['steps_per_s']:.1f}", f"{100 * m['val_accuracy']:.1f}%"]
+            for name, m in data["models"].items()]
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in data.get("xla", {}).items()
+                       if k != "accuracy_gap_points")
+    text = table(["model (BatchNormalization)", "steps/s", "validation accuracy"], rows)
+    text += (f"\ntfbn / Keras without XLA: {data['speedup']:.2f}x. With XLA: {ratios}.\n")
+    if "op_under_xla" in data:
+        o = data["op_under_xla"]
+        text += (f"One BatchNorm under XLA, {tuple(o['shape'])} {o['dtype']} {o['mode']}: "
+                 f"tfbn {o['median_ms']['tfbn']:.1f} ms, FusedBatchNormV3 "
+                 f"{o['median_ms']['FusedBatchNormV3']:.1f} ms ({o['speedup_vs_fused_v3']:.2f}x), "
+                 f"median of {o['reps']}.\n")
+    return text + source(data, "e2e_digits.json")
+
+
+def renorm_mask():
+    data = load("renorm_mask.json")
+    rows = []
+    for rec in data["records"]:
+        for option in ("renorm", "mask"):
+            r = rec["results"][option]
+            rows.append([str(tuple(rec["shape"])), option, f"{r['tfbn_ms']:.1f} ms",
+                         f"{r['keras_ms']:.1f} ms", f"{r['speedup']:.2f}x",
+                         f"{r['tfbn_vs_plain']:.2f}x / {r['keras_vs_plain']:.2f}x"])
+    head = ["shape", "option", "tfbn", "Keras", "speed-up",
+            "over the plain step: tfbn / Keras"]
+    return table(head, rows) + source(data, "renorm_mask.json")
+
+
+# Runs before the float64 check recorded only the largest |dx| difference from tfbn+tf's.
+LEGACY_TOL = 1e-2
+EPILOGUE_MODES = {"train_fwd_bwd": "training fwd + bwd", "infer": "inference",
+                  "train_live": "training, live inputs"}
+
+
+def epilogue():
+    data = load("epilogue.json")
+    rows, wrong, legacy = [], [], []
+    for rec in data["records"]:
+        res = rec["results"]
+        cells = [str(tuple(rec["shape"])), EPILOGUE_MODES[rec["mode"]],
+                 f"{res['fused']['ms']:.1f} ms{flag(res['fused'])}"]
+        for name in ("tfbn+tf", "fbv3+tf"):
+            r = res[name]
+            cells.append(f"{r['ms']:.1f} ms{flag(r)} ({r['ratio_vs_fused']:.2f}x)")
+            if r.get("agrees") is False:
+                wrong.append(f"{name} {tuple(rec['shape'])} {rec['mode']}: "
+                             f"{r['max_rel_error_vs_float64']:.1e}")
+            elif "agrees" not in r and r.get("max_abs_diff_vs_tfbn+tf", 0) > LEGACY_TOL:
+                cells[-1] = cells[-1].replace(" ms (", " ms! (")
+                legacy.append(f"{name} {tuple(rec['shape'])} {rec['mode']}: "
+                              f"{r['max_abs_diff_vs_tfbn+tf']:.2f}")
+        rows.append(cells)
+    head = ["shape", "mode", "fused", "tfbn BN + add + relu", "FusedBatchNormV3 + add + relu"]
+    text = table(head, rows)
+    if wrong:
+        text += ("\n! wrong result: off from float64 math by more than float32 rounding "
+                 "(largest error relative to the output's largest value): "
+                 + "; ".join(wrong) + ".\n")
+    if legacy:  # runs before the float64 check recorded dx (y in inference) against tfbn+tf
+        text += ("\n! wrong result: the largest difference of dx (y in inference) from tfbn "
+                 "BN + add + relu's, which agrees with float64 math: " + "; ".join(legacy)
+                 + ".\n")
+    return text + source(data, "epilogue.json")
+
+
+def distributed():
+    data = load("distributed.json")
+    rows = [[r["variant"], f"{r['steps_per_s']:.1f}", f"{r['bn_collectives_per_layer']:.0f}"]
+            for r in data["results"]]
+    return (table(["variant", "steps/s", "collectives per BatchNorm layer and step"], rows)
+            + f"\n{data['strategy']}; {data['model']}; {data['statistic']}.\n"
+            + source(data, "distributed.json"))
+
+
+def gpu():
+    data = load("gpu/bench_gpu.json")
+    cases = {}
+    for r in data["results"]:
+        key = (r["channels"], r["spatial"])
+        cases.setdefault(key, {"mb": None})
+        if r["dtype"] == "float32":
+            cases[key]["mb"] = r["megabytes"]
+        layout = "NHWC" if r["layout"] == "channels_last" else "NCHW"
+        short = {"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])
+        cases[key][f"{short} {layout}"] = (f"{r['speedup_vs_torch']:.2f}x, "
+                                           f"{r['tfbn_fraction_of_copy']:.2f}")
+    cols = ["fp32 NHWC", "bf16 NHWC", "fp32 NCHW", "bf16 NCHW"]
+    rows = [[f"{c} x {s}x{s}", f"{v['mb']:.0f}" if v["mb"] else "n/a"]
+            + [v.get(col, "n/a") for col in cols] for (c, s), v in cases.items()]
+    batch = data["results"][0]["batch"]
+    return (table(["C x HW", "MB (fp32)"] + cols, rows)
+            + f"\nTraining forward + backward at batch {batch}: speed-up over "
+              "torch.nn.functional.batch_norm on the same layout, and tfbn's bytes moved per "
+              "second as a fraction of a device-to-device copy's.\n"
+            + f"\n_Source: `benchmarks/results/gpu/bench_gpu.json` ({data['device']}, PyTorch "
+              f"{data['torch']})._\n")
+
+
+def readme_status():
+    _, train = op_records("float32", "train_bwd")
+    up = lambda name: span([r["results"][name]["speedup"] for r in train  # noqa: E731
+                            if "speedup" in r["results"][name]])
+    g = load("gpu/bench_gpu.json")["results"]
+    gpu_up = lambda dt, lay: span([r["speedup_vs_torch"] for r in g  # noqa: E731
+                                   if r["dtype"] == dt and r["layout"] == lay])
+    e = load("e2e_digits.json")
+    xla = e.get("xla", {}).get("tfbn_xla / keras_xla")
+    rows = [
+        ["CPU", "every op, float16/bfloat16/float32/float64, any axis",
+         f"float32 training step: {up('fused_v3')} over FusedBatchNormV3, {up('keras')} over "
+         "Keras"],
+        ["GPU (CUDA)", "fused op forward and gradient; the rest runs on the host",
+         f"fp32 NHWC {gpu_up('float32', 'channels_last')}, bf16 NHWC "
+         f"{gpu_up('bfloat16', 'channels_last')} over PyTorch (kernels only)"],
+        ["XLA", "every op, every dtype (`jit_compile=True`)",
+         f"small CNN on CPU, both under XLA: {xla:.2f}x of Keras' layer" if xla else "n/a"],
+    ]
+    return (table(["where", "what runs", "headline speed-up"], rows)
+            + "\n_From `benchmarks/results/` (op_bench.json, gpu/bench_gpu.json, "
+              "e2e_digits.json); details in [docs/performance.md](docs/performance.md)._\n")
+
+
+TABLES = {
+    "op-float32-train": op_float32_train, "op-summary": op_summary,
+    "half-precision": half_precision, "memory": memory, "overhead": overhead, "e2e": e2e,
+    "renorm-mask": renorm_mask, "epilogue": epilogue, "distributed": distributed,
+    "gpu": gpu, "readme-status": readme_status,
+}
+
+
+# ---- documents -------------------------------------------------------------------------
+
+
+def render(text):
+    """The document with every generated region re-rendered."""
+    def region(m):
+        name = m.group(2)
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return REGION.sub(region, text)
+
+
+def outside_regions(text):
+    """The document's text outside its generated regions."""
+    return REGION.sub("", text)
+
+
+def stale_documents(write=False):
+    """The documents whose tables differ from the results; rewritten where write is set."""
+    stale = []
+    for doc in DOCUMENTS:
+        path = os.path.join(ROOT, doc)
+        with open(path) as f:
+            text = f.read()
+        new = render(text)
+        if new != text:
+            stale.append(doc)
+            if write:
+                with open(path, "w") as f:
+                    f.write(new)
+    return stale
+
+
+def write_documents():
+    stale = stale_documents(write=True)
+    return (f"re-rendered the tables of {', '.join(stale)}" if stale
+            else "the documents' tables already match benchmarks/results")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", action="store_true", help="re-render the documents in place")
+    g.add_argument("--check", action="store_true", help="exit 1 where a document is stale")
+    args = p.parse_args()
+    if args.write:
+        print(write_documents())
+        return 0
+    stale = stale_documents()
+    print(f"stale: {', '.join(stale)}" if stale else "documents match benchmarks/results")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
