@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# What `make lint` checks. LINT_PY_EXCLUDE: Python files not yet brought to the ruff
+# rules (comma-separated); LINT_CC: folders whose C++/CUDA must match .clang-format.
+LINT_PY_EXCLUDE ?= python/tfbn/__init__.py,python/tfbn/ops.py,python/tfbn/split.py,python/tfbn/layers.py,python/tfbn/distributed.py,tests/test_weighted_isa.py,tests/test_determinism.py,tests/determinism_probe.py,tests/test_core_module.py,tests/gpu,benchmarks/e2e_resnet.py
+LINT_CC ?=
 
-.PHONY: all install xla-deps test bench clean
+.PHONY: all install xla-deps lint test bench docs clean
 
 all: install
 
@@ -40,11 +44,22 @@ xla-deps:
 install: $(DEPS) xla-deps
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
-test: install
+lint: $(DEPS)
+	$(VENV)/bin/ruff check --extend-exclude "$(LINT_PY_EXCLUDE)" .
+	@if [ -n "$(strip $(LINT_CC))" ]; then \
+	  find $(LINT_CC) \( -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.inc' \) \
+	    -print0 | sort -z | xargs -0 $(VENV)/bin/clang-format --dry-run --Werror; \
+	fi
+
+test: install lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# The tables of docs/performance.md and the README's figures, from benchmarks/results.
+docs: $(DEPS)
+	$(PY) benchmarks/tables.py --write
 
 clean:
 	rm -rf build .pytest_cache

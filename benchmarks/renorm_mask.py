@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 import tfbn
 from timing import median_ms, round_robin

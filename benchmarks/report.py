@@ -130,8 +130,8 @@ def speedup_chart(records, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
     import numpy as np
+    from matplotlib import ticker
 
     groups = _groups(records)
     dtypes = list(dict.fromkeys(d for d, _ in groups))

@@ -77,7 +77,7 @@ for step in range(STEPS):
     if MODE == "worker":
         starts = np.concatenate([[0], np.cumsum(SPLIT)])
 
-        def slices(ctx, step=step):
+        def slices(ctx, step=step, starts=starts):
             i = ctx.replica_id_in_sync_group
             return (tf.constant(X[step, starts[i]:starts[i + 1]]),
                     tf.constant(Y[step, starts[i]:starts[i + 1]]))

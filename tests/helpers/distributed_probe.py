@@ -192,7 +192,8 @@ def accuracy():
         with STRATEGY.scope():
             layer = cls(synchronized=True)
             layer.build(shape)
-        fn = tf.function(lambda v: STRATEGY.run(lambda xs: layer(xs, training=True), args=v))
+        fn = tf.function(lambda v, layer=layer: STRATEGY.run(
+            lambda xs: layer(xs, training=True), args=v))
         y = np.concatenate(local(fn(distribute([x], [32 // N] * N))))
         result[name] = float(np.abs(y - ref).max())
     y, _, _ = tfbn.batch_norm(x)
