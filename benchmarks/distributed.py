@@ -10,10 +10,12 @@ devices must be configured before TensorFlow initializes, so call it in its own 
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -96,18 +98,33 @@ def collectives(step, x, y, replicas):
     return sum(types[t] for t in COLLECTIVE_TYPES) / replicas
 
 
-def time_steps(strategy, step, x, y, steps, repeats):
-    for _ in range(3):  # trace and warm up
-        step(x, y)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = step(x, y)
-        for t in strategy.experimental_local_results(loss):  # wait for the last step
-            t.numpy()
-        rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+def time_interleaved(strategy, steps_by_name, x, y, steps, repeats):
+    """Median steps/s per variant. The variants take turns (one block of `steps` steps
+    each per round, the starting variant rotating), so that a busy machine's slow moments
+    spread over all of them instead of landing on one."""
+    names = list(steps_by_name)
+    for name in names:
+        for _ in range(3):  # trace and warm up
+            steps_by_name[name](x, y)
+    rates = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps_by_name[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = step(x, y)
+            for t in strategy.experimental_local_results(loss):  # wait for the last step
+                t.numpy()
+            rates[name].append(steps / (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in rates.items()}
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main():
@@ -120,24 +137,24 @@ def main():
     dataset = tf.data.Dataset.from_tensors(data)
     x, y = next(iter(strategy.experimental_distribute_dataset(dataset)))
     steps, repeats = (10, 3) if ARGS.quick else (30, 5)
-    rows = []
-    for name, bn in VARIANTS.items():
-        step = make_step(strategy, bn)
-        rows.append({
-            "variant": name,
-            "steps_per_s": time_steps(strategy, step, x, y, steps, repeats),
-            "collectives_per_step": collectives(step, x, y, replicas),
-        })
+    step_fns = {name: make_step(strategy, bn) for name, bn in VARIANTS.items()}
+    rates = time_interleaved(strategy, step_fns, x, y, steps, repeats)
+    rows = [{"variant": name, "steps_per_s": rates[name],
+             "collectives_per_step": collectives(step, x, y, replicas)}
+            for name, step in step_fns.items()]
     base = next(r for r in rows if r["variant"] == "tfbn unsynchronized")
     for r in rows:
         r["bn_collectives_per_step"] = r["collectives_per_step"] - base["collectives_per_step"]
         r["bn_collectives_per_layer"] = r["bn_collectives_per_step"] / 3
     result = {
+        "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "quick": ARGS.quick, "commit": commit(), "tfbn": tfbn.__version__},
         "benchmark": "distributed",
         "model": "3 x (Conv2D + BatchNorm + ReLU), GlobalAveragePooling2D, Dense(10); "
                  f"input 32x32x3, global batch {ARGS.batch}, SGD with momentum",
         "strategy": f"MirroredStrategy over {replicas} logical CPU devices",
-        "steps": steps, "repeats": repeats, "statistic": "median steps/s over repeats",
+        "steps": steps, "repeats": repeats,
+        "statistic": "median steps/s over repeats, variants interleaved round-robin",
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "results": rows,

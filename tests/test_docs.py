@@ -43,3 +43,24 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     first_block = text.split("```")[1]
     assert "make bench" in first_block and "make test" in first_block
     assert "Eigen" not in text  # the CPU kernels are hand-vectorised per instruction set
+
+
+def test_wrong_results_are_flagged(monkeypatch):
+    """A contender whose result disagrees is marked "!" in the rendered tables."""
+    real = tables.load
+
+    def with_disagreement(name):
+        data = real(name)
+        if name == "epilogue.json":
+            r = data["records"][0]["results"]["fbv3+tf"]
+            r.update(agrees=False, max_rel_error_vs_float64=0.5)
+        if name == "op_bench.json":
+            rec = next(r for r in data["records"]
+                       if r["dtype"] == "float32" and r["mode"] == "train_bwd")
+            rec["results"]["fused_v3"]["agrees"] = False
+        return data
+
+    monkeypatch.setattr(tables, "load", with_disagreement)
+    assert "ms! (" in tables.epilogue() and "! wrong result" in tables.epilogue()
+    assert "ms! (" in tables.op_float32_train()
+    assert "(1!)" in tables.op_summary()
