@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import reference
 import tfbn
 from tfbn._library import ops as _ops
 
-import reference
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+HELPERS = os.path.join(HERE, "helpers")
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3}
 
 
@@ -38,7 +38,7 @@ _PROBES = {}
 def probe(devices):
     """Results of distributed_probe.py over `devices` logical CPUs (run once per session)."""
     if devices not in _PROBES:
-        stdout = _run([os.path.join(HERE, "distributed_probe.py"), str(devices)], timeout=600)
+        stdout = _run([os.path.join(HELPERS, "distributed_probe.py"), str(devices)], timeout=600)
         _PROBES[devices] = json.loads(stdout.strip().splitlines()[-1])
     return _PROBES[devices]
 
@@ -182,9 +182,11 @@ def test_one_collective_forward_and_one_backward(devices):
 def test_accuracy_far_from_zero():
     """float32 data with mean 1e4, std 1: as accurate as the single-device op."""
     acc = probe(2)["accuracy"]
-    assert acc["tfbn_synchronized"] <= 1e-4, acc
+    assert acc["tfbn_synchronized"] <= 1e-6, acc  # the README's claim: 4.9e-7
     assert acc["tfbn_synchronized"] <= 2 * acc["tfbn_single_device"], acc
-    assert acc["keras_synchronized"] > 1.0, acc  # E[x^2] - E[x]^2 cancels
+    # Keras' synchronized layer takes E[x^2] - E[x]^2 in float32, which cancels: the
+    # README's claim is an error of 1.2e+2, far above the data's spread of 1.
+    assert acc["keras_synchronized"] > 10.0, acc
 
 
 @pytest.mark.parametrize("devices", [2, 4])
@@ -206,7 +208,7 @@ def _free_ports(n):
 
 
 def test_multi_worker_custom_loop_matches_one_process(tmp_path):
-    script = os.path.join(HERE, "multiworker_probe.py")
+    script = os.path.join(HELPERS, "multiworker_probe.py")
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []

@@ -1,8 +1,8 @@
 """tfbn.BatchNormalization as a drop-in for keras.layers.BatchNormalization."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import tfbn
@@ -180,22 +180,41 @@ def test_non_finite_channel_keeps_its_moving_statistics():
         np.testing.assert_allclose(after[i][[0, 2]], theirs.get_weights()[i][[0, 2]], rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(renorm=True), dict(synchronized=True)])
-def test_options_outside_the_fused_op_fall_back_to_keras(kwargs):
+# The op types the layer's training paths run: the fused op, and the split path's
+# statistics and apply ops (renorm, masks).
+FUSED_OP, STATS_OP, APPLY_OP = "TfbnBatchNorm", "TfbnBatchNormStats", "TfbnBatchNormApply"
+
+
+def op_types(layer, x, mask=None):
+    fn = tf.function(lambda x: layer(x, training=True, mask=mask))
+    return {op.type for op in fn.get_concrete_function(tf.constant(x)).graph.get_operations()}
+
+
+@pytest.mark.parametrize("kwargs,kernels", [
+    (dict(renorm=True), {STATS_OP, APPLY_OP}),
+    (dict(synchronized=True), {FUSED_OP}),  # outside a strategy: the one-device op
+])
+def test_renorm_and_synchronized_run_tfbn_kernels_and_match_keras(kwargs, kernels):
     ours, theirs = twin_layers((8, 5), **kwargs)
     x = np.random.default_rng(10).normal(size=(8, 5)).astype(np.float32)
     np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), rtol=1e-5,
                                atol=1e-5)
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+    types = op_types(ours, x)
+    assert kernels <= types, types
+    assert not {"Mean", "Sum"} & types, types  # no composite statistics
 
 
-def test_mask_falls_back_to_keras():
+def test_mask_runs_the_weighted_kernels_and_matches_keras():
     ours, theirs = twin_layers((4, 6, 3))
     x = np.random.default_rng(11).normal(size=(4, 6, 3)).astype(np.float32)
     mask = np.random.default_rng(12).uniform(size=(4, 6)) > 0.3
     np.testing.assert_allclose(ours(x, training=True, mask=mask),
                                theirs(x, training=True, mask=mask), rtol=1e-5, atol=1e-5)
+    types = op_types(ours, x, tf.constant(mask))
+    assert {STATS_OP, APPLY_OP} <= types, types
+    assert not {"Mean", "Sum"} & types, types
 
 
 def test_float64_layer():

@@ -2,9 +2,6 @@
 lowering against the op's own kernel and the float64 reference, gradients and
 second-order gradients compiled with XLA, and a Keras model trained with
 jit_compile=True against the same model trained without.
-
-Tests of the epilogue (residual + activation) and of per-element weights skip while the
-ops in this build lack those inputs/attributes; they run once the ops have them.
 """
 
 import os
@@ -19,8 +16,8 @@ from tensorflow.python.framework import op_def_registry
 
 import reference as ref
 import tfbn
-from tfbn._library import ops as _ops
 from test_ops import DTYPES, make_inputs, param_np
+from tfbn._library import ops as _ops
 
 XLA = tfbn.build_info()["xla"]
 needs_xla = pytest.mark.skipif(not XLA, reason="this build has no XLA lowerings")
@@ -44,14 +41,14 @@ def op_attrs(op_name):
     return [a.name for a in op_def_registry.get(op_name).attr]
 
 
-HAS_EPILOGUE = "activation" in op_attrs("TfbnBatchNorm") and "residual" in op_inputs(
-    "TfbnBatchNormGrad")
-HAS_WEIGHTS = "weights" in op_inputs("TfbnBatchNormStats") and "weights" in op_inputs(
-    "TfbnBatchNormGradApply")
-needs_epilogue = pytest.mark.skipif(not HAS_EPILOGUE,
-                                    reason="the ops have no residual/activation epilogue yet")
-needs_weights = pytest.mark.skipif(not HAS_WEIGHTS,
-                                   reason="the split ops have no weights input yet")
+def test_ops_have_the_epilogue_and_the_weights():
+    """The lowerings of the epilogue and of the weights below are tested on these inputs:
+    an op that lost them must fail here, not skip there."""
+    assert "activation" in op_attrs("TfbnBatchNorm")
+    assert "residual" in op_inputs("TfbnBatchNorm")
+    assert {"offset", "residual"} <= set(op_inputs("TfbnBatchNormGrad"))
+    assert "weights" in op_inputs("TfbnBatchNormStats")
+    assert "weights" in op_inputs("TfbnBatchNormGradApply")
 
 
 def empty(dtype):
@@ -289,6 +286,17 @@ def test_far_from_zero_keeps_float32_precision(rng):
 
 
 @needs_xla
+def test_tensorflow_fused_op_under_xla_returns_nan_far_from_zero(rng):
+    """The comparison the README makes: XLA's own lowering of FusedBatchNormV3 takes
+    E[x^2] - E[x]^2 in float32, which goes negative on such data."""
+    x = (1e4 + rng.standard_normal((64, 4, 4, 16))).astype(np.float32)
+    y = jit(lambda x: tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=tf.ones([16]), offset=tf.zeros([16]), mean=empty(tf.float32),
+        variance=empty(tf.float32), epsilon=1e-3, is_training=True)[0])(tf.constant(x))
+    assert np.isnan(y.numpy()).any()
+
+
+@needs_xla
 def test_gradient_far_from_zero_keeps_precision():
     """The kernels' bounds (test_gradients.py) hold for the lowering too."""
     rng = np.random.default_rng(3)
@@ -346,8 +354,8 @@ def split_ops(parts, dys, scale, offset, axis, pdt, global_rows):
     if global_rows == 4:
         total = tf.concat([total, tf.stack([tf.cast(mean, tf.float64) * 0.5,
                                             tf.cast(var, tf.float64) - 1.0])], axis=0)
-    grads = [grad_apply_op(d, p, scale, mean, var, residual, l, total, count, axis=axis)
-             for d, p, l in zip(dys, parts, local)]
+    grads = [grad_apply_op(d, p, scale, mean, var, residual, own, total, count, axis=axis)
+             for d, p, own in zip(dys, parts, local)]
     return [partials, mean, var, residual, count] + ys + [g for gs in grads for g in gs]
 
 
@@ -403,7 +411,6 @@ def _act(z, activation):
 
 
 @needs_xla
-@needs_epilogue
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
 @pytest.mark.parametrize("has_residual", [True, False])
@@ -445,7 +452,6 @@ def test_epilogue_matches_kernel_and_reference(rng, dtype_name, activation, has_
 # ---- per-element weights (masks) on the split ops ----
 
 @needs_xla
-@needs_weights
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 def test_weighted_split_ops_match_kernels(rng, shape, axis, dtype_name):
