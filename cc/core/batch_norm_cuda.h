@@ -7,11 +7,12 @@
 //
 // The results follow BatchNormForward / BatchNormBackward in batch_norm.h formula by
 // formula (moments shifted by the channel's first sample, terms summed in U over short
-// stretches flushed into double, the hi/lo mean split, the same per-channel coefficients,
-// no fused multiply-add), so the elementwise part matches the CPU kernels bit for bit
-// given the same statistics; the statistics agree up to the order of the additions. Reductions use a partition that depends on
-// the shape and dtype only, and merge partials in a fixed order, without floating-point
-// atomics: the same inputs give bitwise the same outputs on every run and every GPU.
+// stretches flushed into double, and batch_norm_math.h's two-part mean and per-channel
+// coefficients, without fused multiply-add), so the elementwise part matches the CPU
+// kernels bit for bit given the same statistics; the statistics agree up to the order of
+// the additions. Reductions use a partition that depends on the shape and dtype only, and
+// merge partials in a fixed order, without floating-point atomics: the same inputs give
+// bitwise the same outputs on every run and every GPU.
 //
 // Data of dtype T is x, y, dy, dx. Per-channel values (scale, offset, mean, variance,
 // statistics, mean_lo, gradients) are U = double for kDouble and float otherwise.
