@@ -53,21 +53,22 @@ template <typename T>
 void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
                     const ParallelFor& parallel_for);
 
-// y = ((x - hi) - lo) * a + b per channel. The mean is split into hi + lo so the
-// subtraction keeps the data's precision when the mean is far from zero.
+// y = ((x - mean_hi) - mean_lo) * a + b per channel. The mean is split into two parts
+// (batch_norm_math.h's SplitMean) so the subtraction keeps the data's precision when the
+// mean is far from zero.
 template <typename T, typename U>
-void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
+void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* mean_lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for);
 
-// Per-channel sum(dy) and sum(dy * (x - mean)) in double, with mean = hi + lo.
+// Per-channel sum(dy) and sum(dy * (x - mean)) in double, with mean = mean_hi + mean_lo.
 template <typename T, typename U>
-void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void GradSums(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
               double* sum_dy, double* sum_dy_xc, const ParallelFor& parallel_for);
 
-// dx = ga * dy + gb * ((x - hi) - lo) + gc per channel. With gb == gc == nullptr the
+// dx = ga * dy + gb * ((x - mean_hi) - mean_lo) + gc per channel. With gb == gc == nullptr the
 // last two terms are skipped and x is not read (inference backward).
 template <typename T, typename U>
-void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for);
 
 // ---- The fused op, as TensorFlow and the Python module call it. ----
@@ -140,7 +141,7 @@ void PartialMoments(const Layout& layout, const T* x, double* partial,
 // bits). Parts with count 0 are skipped; all empty gives 0, 0, 0.
 void MergeMoments(int64_t parts, int64_t channels, const double* partials, double* merged);
 
-// Merged [count, mean, M2] -> mean split into hi + lo, biased variance; NaN for both
+// Merged [count, mean, M2] -> mean split into mean + mean_lo, biased variance; NaN for both
 // where count is 0 (as the fused op's empty batch).
 template <typename U>
 void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo,

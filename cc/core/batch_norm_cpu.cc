@@ -157,12 +157,13 @@ std::vector<U> Padded(const U* values, int64_t C) {
 }
 
 template <typename T, typename U>
-void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
+void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* mean_lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
   const bool stream = StreamOutput<T>(layout);
   const int64_t C = layout.channels;
-  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(a, C), pb = Padded(b, C);
+  const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C);
+  const auto pa = Padded(a, C), pb = Padded(b, C);
   ForEachPiece(layout, 2, parallel_for, [&](int64_t e0, int64_t e1) {
     k.affine(Raw(x), Raw(y), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
              pb.data(), stream);
@@ -170,7 +171,7 @@ void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, con
 }
 
 template <typename T, typename U>
-void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void GradSums(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
               double* sum_dy, double* sum_dy_xc, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   if (layout.per_channel() == 0) {
@@ -183,21 +184,21 @@ void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const 
   ReducePerChannel(
       layout,
       [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-        k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, hi, lo, p1, p2);
+        k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, mean_hi, mean_lo, p1, p2);
       },
       [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, hi[c], lo[c], p1, p2);
+        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, mean_hi[c], mean_lo[c], p1, p2);
       },
       sum_dy, sum_dy_xc, parallel_for);
 }
 
 template <typename T, typename U>
-void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
   const bool stream = StreamOutput<T>(layout);
   const int64_t C = layout.channels;
-  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(ga, C);
+  const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C), pa = Padded(ga, C);
   const auto pb = gb ? Padded(gb, C) : std::vector<U>(), pc = gb ? Padded(gc, C) : std::vector<U>();
   ForEachPiece(layout, gb ? 3 : 1, parallel_for, [&](int64_t e0, int64_t e1) {
     k.grad(Raw(dy), Raw(x), Raw(dx), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),

@@ -21,6 +21,8 @@ struct BFloat16Bits {
 // Reductions: "rows" kernels add rows [r0, r1) of a channels-last layout (inner == 1) into
 // per-channel sums; "planar" kernels sum one channel c of an [outer, C, inner] tensor
 // over its per-channel indices [j0, j1) (j = o * inner + i).
+// hi and lo are the mean's two parts (batch_norm.h's mean and mean_lo): x is centred as
+// (x - hi) - lo.
 // The per-channel parameter arrays of the elementwise kernels (hi, lo, a, b, ga, gb, gc)
 // hold C + kParamPadding entries, entry C + j repeating entry j % C: channels-last blocks
 // then read their parameters with one load even where they wrap into the next row.
