@@ -60,16 +60,16 @@ def test_forward_and_backward_match_reference(shape, axis, dtype_name, training,
     scale, offset = rng.uniform(0.5, 1.5, c).astype(p), rng.normal(size=c).astype(p)
     mean, var = rng.normal(size=c).astype(p), rng.uniform(0.5, 2, c).astype(p)
     kw = dict(axis=axis, epsilon=1e-3, training=training, threads=threads)
-    y, bm, bv, reserve = core.batch_norm_forward(x, scale, offset, mean, var, **kw)
+    y, bm, bv, mean_lo = core.batch_norm_forward(x, scale, offset, mean, var, **kw)
     y_ref, m_ref, v_ref = ref.forward(x, scale, offset, mean, var, axis=axis,
                                       training=training)
     ref.assert_close(y, y_ref, dtype_name, "y")
     # hi + lo carries the mean to well below float32's resolution of the data.
     mean_tol = 1e-12 if dtype_name == "float64" else 1e-7 * float(np.std(x.astype(np.float64)))
-    np.testing.assert_allclose(bm.astype(np.float64) + reserve, m_ref, rtol=0, atol=mean_tol)
+    np.testing.assert_allclose(bm.astype(np.float64) + mean_lo, m_ref, rtol=0, atol=mean_tol)
     np.testing.assert_allclose(bv, v_ref, rtol=1e-6)
-    dx, dscale, doffset = core.batch_norm_backward(dy, x, scale, bm, bv, reserve, **kw)
-    dx_ref, ds_ref, do_ref = ref.backward(dy, x, scale, bm.astype(np.float64) + reserve, bv,
+    dx, dscale, doffset = core.batch_norm_backward(dy, x, scale, bm, bv, mean_lo, **kw)
+    dx_ref, ds_ref, do_ref = ref.backward(dy, x, scale, bm.astype(np.float64) + mean_lo, bv,
                                           axis=axis, training=training)
     ref.assert_close(dx, dx_ref, dtype_name, "dx")
     np.testing.assert_allclose(dscale, ds_ref, rtol=1e-5, atol=1e-5)
@@ -130,10 +130,10 @@ def test_epilogue_matches_reference_and_the_tf_op(activation, dtype_name, traini
     x, scale, offset, res, mean, var, dy = make_case(rng, shape, axis, dtype_name, True,
                                                      activation, training)
     kw = dict(axis=axis, training=training, threads=2)
-    y, bm, bv, reserve = core.batch_norm_forward(x, scale, offset, mean, var, residual=res,
+    y, bm, bv, mean_lo = core.batch_norm_forward(x, scale, offset, mean, var, residual=res,
                                                  activation=activation, **kw)
     dx, dscale, doffset, dres = core.batch_norm_backward(
-        dy, x, scale, bm, bv, reserve, offset=offset, residual=res, activation=activation, **kw)
+        dy, x, scale, bm, bv, mean_lo, offset=offset, residual=res, activation=activation, **kw)
     y_ref, dx_ref, ds_ref, do_ref, dres_ref, _ = reference(x, scale, offset, res, dy, activation,
                                                            axis, training, mean, var)
     ref.assert_close(y, y_ref, dtype_name, "y")
@@ -155,7 +155,8 @@ def test_epilogue_matches_reference_and_the_tf_op(activation, dtype_name, traini
 def test_epilogue_arguments_are_checked():
     x = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError,
-                       match="activation must be None, 'linear'.*got activation='tanh'"):
+                       match="activation must be one of None, 'identity', 'relu', 'relu6', "
+                             "'silu', 'linear', 'swish', got activation='tanh'"):
         core.batch_norm_forward(x, activation="tanh")
     with pytest.raises(ValueError, match=r"residual must have the dtype and shape of x "
                                          r"\(float32, \(4, 3\)\), got residual of dtype "
@@ -169,3 +170,28 @@ def test_epilogue_arguments_are_checked():
                                  activation="relu")
     assert len(core.batch_norm_backward(x, x, mean=np.zeros(3, np.float32),
                                         variance=np.ones(3, np.float32))) == 3
+
+
+def test_the_mean_lo_keyword_names_the_low_part_of_the_mean():
+    rng = np.random.default_rng(3)
+    x = rng.normal(1e4, 1.0, (64, 3)).astype(np.float32)
+    dy = rng.normal(size=(64, 3)).astype(np.float32)
+    y, bm, bv, lo = core.batch_norm_forward(x)
+    assert np.any(lo != 0)  # float32(mean) alone misses part of a mean near 1e4
+    by_position = core.batch_norm_backward(dy, x, None, bm, bv, lo)
+    by_name = core.batch_norm_backward(dy, x, mean=bm, variance=bv, mean_lo=lo)
+    without = core.batch_norm_backward(dy, x, mean=bm, variance=bv)
+    for a, b in zip(by_position, by_name):
+        assert a.tobytes() == b.tobytes()
+    assert by_name[0].tobytes() != without[0].tobytes()
+
+
+def test_the_instruction_set_info_names_what_runs():
+    info = core.cpu_instruction_set_info()
+    assert info["isa"] == core.cpu_instruction_set()
+    assert info["supported"][0] == "generic" and info["isa"] in info["supported"]
+    assert set(info["supported"]) <= {"generic", "avx2", "avx512"}
+
+
+def test_build_info_reports_the_instruction_set_that_runs():
+    assert tfbn.build_info()["cpu_instruction_set"] == core.cpu_instruction_set_info()

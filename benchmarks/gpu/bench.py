@@ -100,7 +100,7 @@ class Ours:
     def forward(self):
         self.core.cuda_batch_norm_forward(
             self.x, self.scale, self.offset, y=self.y, batch_mean=self.bm,
-            batch_variance=self.bv, reserve=self.res, axis=self.axis, epsilon=EPS,
+            batch_variance=self.bv, mean_lo=self.res, axis=self.axis, epsilon=EPS,
             training=True, stream=self.stream, workspace=self.ws)
 
     def backward(self):

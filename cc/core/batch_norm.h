@@ -34,8 +34,16 @@ const ParallelFor& SerialFor();
 // memory-bandwidth yardstick the benchmarks compare the kernels with.
 void StreamCopy(const void* src, void* dst, int64_t nbytes, const ParallelFor& parallel_for);
 
-// The instruction set whose kernels run on this processor ("avx512", "avx2", "generic").
+// The instruction set whose CPU kernels run ("avx512", "avx2" or "generic"): the best this
+// processor supports, or the one the environment variable TFBN_CPU_ISA names (chosen once,
+// at the first kernel call). A TFBN_CPU_ISA that cannot be honoured (unknown, or not
+// supported here) leaves the best supported set running, with a warning on stderr.
 const char* CpuInstructionSet();
+// The instruction sets this processor and build support, space-separated ("generic avx2").
+const char* CpuInstructionSetsSupported();
+// TFBN_CPU_ISA as read ("" when unset), and why it was not honoured ("" when it was).
+const char* CpuInstructionSetRequested();
+const char* CpuInstructionSetWarning();
 
 // ---- Building blocks (shared by the fused ops and, later, synchronized BN). ----
 
@@ -45,21 +53,22 @@ template <typename T>
 void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
                     const ParallelFor& parallel_for);
 
-// y = ((x - hi) - lo) * a + b per channel. The mean is split into hi + lo so the
-// subtraction keeps the data's precision when the mean is far from zero.
+// y = ((x - mean_hi) - mean_lo) * a + b per channel. The mean is split into two parts
+// (batch_norm_math.h's SplitMean) so the subtraction keeps the data's precision when the
+// mean is far from zero.
 template <typename T, typename U>
-void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
+void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* mean_lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for);
 
-// Per-channel sum(dy) and sum(dy * (x - mean)) in double, with mean = hi + lo.
+// Per-channel sum(dy) and sum(dy * (x - mean)) in double, with mean = mean_hi + mean_lo.
 template <typename T, typename U>
-void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void GradSums(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
               double* sum_dy, double* sum_dy_xc, const ParallelFor& parallel_for);
 
-// dx = ga * dy + gb * ((x - hi) - lo) + gc per channel. With gb == gc == nullptr the
+// dx = ga * dy + gb * ((x - mean_hi) - mean_lo) + gc per channel. With gb == gc == nullptr the
 // last two terms are skipped and x is not read (inference backward).
 template <typename T, typename U>
-void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for);
 
 // ---- The fused op, as TensorFlow and the Python module call it. ----
@@ -67,27 +76,27 @@ void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const
 struct ForwardArgs {
   float epsilon = 1e-3f;
   bool training = true;
-  Activation activation = Activation::kIdentity;  // CPU only; the CUDA kernels ignore it
+  Activation activation = Activation::kIdentity;  // CPU only: the CUDA launchers refuse others
 };
 
 // Training: batch mean and biased variance are computed and written to batch_mean /
-// batch_variance; mean_residual receives lo = mean - U(mean), which the backward pass
+// batch_variance; mean_lo receives the mean's low part mean - U(mean), which the backward pass
 // needs to rebuild the centred input exactly. Inference: mean/variance are used and
-// copied to batch_mean/batch_variance; mean_residual is set to zero.
+// copied to batch_mean/batch_variance; mean_lo is set to zero.
 // scale/offset may be nullptr (1 and 0). mean/variance are ignored in training.
 template <typename T, typename U>
 void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U* offset,
                       const U* mean, const U* variance, const ForwardArgs& args, T* y,
-                      U* batch_mean, U* batch_variance, U* mean_residual,
+                      U* batch_mean, U* batch_variance, U* mean_lo,
                       const ParallelFor& parallel_for);
 
 // Gradient of BatchNormForward. mean/variance are the statistics the forward pass used
-// (its batch_mean/batch_variance in training), mean_residual its residual (nullptr = 0).
+// (its batch_mean/batch_variance in training), mean_lo the low part of its mean (nullptr = 0).
 // d_batch_mean/d_batch_variance (nullptr = 0) are the gradients reaching the forward's
 // statistics outputs in training; they are folded into dx. scale nullptr means 1.
 template <typename T, typename U>
 void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_residual, const U* variance,
+                       const U* mean, const U* mean_lo, const U* variance,
                        const U* d_batch_mean, const U* d_batch_variance,
                        const ForwardArgs& args, T* dx, U* dscale, U* doffset,
                        const ParallelFor& parallel_for);
@@ -100,7 +109,7 @@ template <typename T, typename U>
 void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, const U* offset,
                               const U* mean, const U* variance, const T* residual,
                               const ForwardArgs& args, T* y, U* batch_mean, U* batch_variance,
-                              U* mean_residual, const ParallelFor& parallel_for);
+                              U* mean_lo, const ParallelFor& parallel_for);
 
 // Its gradient: z is recomputed from x, the statistics, scale, offset (nullptr = 0) and
 // residual (nullptr = none), dz = dy * act'(z) replaces dy in BatchNormBackward, and
@@ -109,7 +118,7 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
 template <typename T, typename U>
 void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
                                const U* offset, const T* residual, const U* mean,
-                               const U* mean_residual, const U* variance,
+                               const U* mean_lo, const U* variance,
                                const U* d_batch_mean, const U* d_batch_variance,
                                const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
                                U* doffset, const ParallelFor& parallel_for);
@@ -132,17 +141,17 @@ void PartialMoments(const Layout& layout, const T* x, double* partial,
 // bits). Parts with count 0 are skipped; all empty gives 0, 0, 0.
 void MergeMoments(int64_t parts, int64_t channels, const double* partials, double* merged);
 
-// Merged [count, mean, M2] -> mean split into hi + lo, biased variance; NaN for both
+// Merged [count, mean, M2] -> mean split into mean + mean_lo, biased variance; NaN for both
 // where count is 0 (as the fused op's empty batch).
 template <typename U>
-void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_residual,
+void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo,
                      U* variance);
 
-// y = ((x - mean) - mean_residual) * rsqrt(variance + epsilon) * scale + offset.
-// scale/offset nullptr mean 1/0, mean_residual nullptr means 0.
+// y = ((x - mean) - mean_lo) * rsqrt(variance + epsilon) * scale + offset.
+// scale/offset nullptr mean 1/0, mean_lo nullptr means 0.
 template <typename T, typename U>
 void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* offset,
-                     const U* mean, const U* mean_residual, const U* variance, float epsilon,
+                     const U* mean, const U* mean_lo, const U* variance, float epsilon,
                      T* y, const ParallelFor& parallel_for);
 
 // Backward given sums over the whole (global) batch. local_sums [2][C]: GradSums of this
@@ -152,7 +161,7 @@ void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* 
 // count [C]: elements per channel in the whole batch.
 template <typename T, typename U>
 void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_residual, const U* variance,
+                       const U* mean, const U* mean_lo, const U* variance,
                        const double* local_sums, const double* global_sums,
                        int64_t global_rows, const double* count, float epsilon, T* dx,
                        U* dscale, U* doffset, const ParallelFor& parallel_for);
@@ -173,7 +182,7 @@ void WeightedPartialMoments(const Layout& layout, const T* x, const float* weigh
 // weight: dx = s*r*(dy - w*S1/W - w*xhat*S2/W) + w*d_mean/W + 2*w*d_var*(x - mean)/W.
 template <typename T, typename U>
 void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
-                               const U* mean, const U* mean_residual, const U* variance,
+                               const U* mean, const U* mean_lo, const U* variance,
                                const double* local_sums, const double* global_sums,
                                int64_t global_rows, const double* count, const float* weights,
                                float epsilon, T* dx, U* dscale, U* doffset,

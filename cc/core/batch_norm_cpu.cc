@@ -1,6 +1,8 @@
 // CPU kernels for the core Batch Normalization math (see batch_norm.h).
 #include "core/batch_norm.h"
-#include "core/cpu_kernels.h"
+#include "core/batch_norm_math.h"
+#include "core/cpu_kernel_select.h"
+#include "core/instantiate.h"
 #include "core/partition.h"
 
 #include <algorithm>
@@ -8,8 +10,6 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-
-#include <Eigen/Core>  // Eigen::half, Eigen::bfloat16: the same types TensorFlow uses.
 
 namespace tfbn {
 namespace {
@@ -30,52 +30,8 @@ bool StreamOutput(const Layout& layout) {
 // Partials per block: mean and M2 (or two gradient sums), a double each per channel.
 int64_t NumBlocks(const Layout& layout) { return partition::NumBlocks(layout, 16); }
 
-// Eigen's half types share their storage with the kernels' stand-ins.
-template <typename T>
-struct Storage {
-  using type = T;
-};
-template <>
-struct Storage<Eigen::half> {
-  using type = HalfBits;
-};
-template <>
-struct Storage<Eigen::bfloat16> {
-  using type = BFloat16Bits;
-};
-static_assert(sizeof(Eigen::half) == sizeof(HalfBits) &&
-              sizeof(Eigen::bfloat16) == sizeof(BFloat16Bits));
-
-template <typename T>
-using S = typename Storage<T>::type;
-
-template <typename T>
-const S<T>* Raw(const T* p) {
-  return reinterpret_cast<const S<T>*>(p);
-}
-template <typename T>
-S<T>* Raw(T* p) {
-  return reinterpret_cast<S<T>*>(p);
-}
-
-template <typename T, typename U>
-const CpuKernels<S<T>, U>& Kernels();
-template <>
-const CpuKernels<HalfBits, float>& Kernels<Eigen::half, float>() {
-  return BestCpuKernels().half;
-}
-template <>
-const CpuKernels<BFloat16Bits, float>& Kernels<Eigen::bfloat16, float>() {
-  return BestCpuKernels().bfloat16;
-}
-template <>
-const CpuKernels<float, float>& Kernels<float, float>() {
-  return BestCpuKernels().f32;
-}
-template <>
-const CpuKernels<double, double>& Kernels<double, double>() {
-  return BestCpuKernels().f64;
-}
+using cpu::Kernels;
+using cpu::Raw;
 
 // Two per-channel double sums over a partition that depends on the shape only.
 //   rows(r0, r1, s1, s2): add rows [r0, r1) of a channels-last layout into s1[C], s2[C];
@@ -140,8 +96,6 @@ void StreamCopy(const void* src, void* dst, int64_t nbytes, const ParallelFor& p
   });
 }
 
-const char* CpuInstructionSet() { return BestCpuKernels().isa; }
-
 const ParallelFor& SerialFor() {
   static const ParallelFor serial = [](int64_t n, int64_t, const RangeFn& fn) {
     if (n > 0) fn(0, n);
@@ -160,10 +114,9 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
   }
   // The sums are of d = x - shift. A shift near the mean keeps sum(d^2) - sum(d)^2/m free
   // of cancellation (the terms are summed in U over short stretches): the first pass
-  // shifts by one sample of each channel; where that sample lies far out (more than
-  // kFarShift standard deviations from the mean) a second pass shifts by the mean found.
+  // shifts by one sample of each channel; where that sample lies far out (ShiftTooFar) a
+  // second pass shifts by the mean found.
   using U = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  constexpr double kFarShift = 8.0;
   std::vector<U> shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<U>(x[c * layout.inner]);
   std::vector<double> s1(static_cast<size_t>(C)), s2(static_cast<size_t>(C));
@@ -180,13 +133,13 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
         },
         s1.data(), s2.data(), parallel_for);
     bool far = false;
+    const double count = static_cast<double>(m);
     for (int64_t c = 0; c < C; ++c) {
-      const double d = s1[c] / static_cast<double>(m);
-      mean[c] = static_cast<double>(shift[c]) + d;
-      const double v = s2[c] - s1[c] * d;
-      m2[c] = v < 0.0 ? 0.0 : v;  // rounding can dip below zero; NaN passes through
-      if (d * d > kFarShift * kFarShift * (m2[c] / static_cast<double>(m)) &&
-          std::isfinite(mean[c])) {
+      const auto moments =
+          MomentsFromShiftedSums(static_cast<double>(shift[c]), s1[c], s2[c], count);
+      mean[c] = moments.mean;
+      m2[c] = moments.m2;
+      if (ShiftTooFar(moments, count) && std::isfinite(mean[c])) {
         far = true;
         shift[c] = static_cast<U>(mean[c]);
       }
@@ -204,12 +157,13 @@ std::vector<U> Padded(const U* values, int64_t C) {
 }
 
 template <typename T, typename U>
-void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, const U* a,
+void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* mean_lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
   const bool stream = StreamOutput<T>(layout);
   const int64_t C = layout.channels;
-  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(a, C), pb = Padded(b, C);
+  const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C);
+  const auto pa = Padded(a, C), pb = Padded(b, C);
   ForEachPiece(layout, 2, parallel_for, [&](int64_t e0, int64_t e1) {
     k.affine(Raw(x), Raw(y), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
              pb.data(), stream);
@@ -217,7 +171,7 @@ void ApplyAffine(const Layout& layout, const T* x, const U* hi, const U* lo, con
 }
 
 template <typename T, typename U>
-void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void GradSums(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
               double* sum_dy, double* sum_dy_xc, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   if (layout.per_channel() == 0) {
@@ -230,21 +184,21 @@ void GradSums(const Layout& layout, const T* dy, const T* x, const U* hi, const 
   ReducePerChannel(
       layout,
       [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-        k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, hi, lo, p1, p2);
+        k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, mean_hi, mean_lo, p1, p2);
       },
       [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, hi[c], lo[c], p1, p2);
+        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, mean_hi[c], mean_lo[c], p1, p2);
       },
       sum_dy, sum_dy_xc, parallel_for);
 }
 
 template <typename T, typename U>
-void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* hi, const U* lo,
+void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
   const bool stream = StreamOutput<T>(layout);
   const int64_t C = layout.channels;
-  const auto ph = Padded(hi, C), pl = Padded(lo, C), pa = Padded(ga, C);
+  const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C), pa = Padded(ga, C);
   const auto pb = gb ? Padded(gb, C) : std::vector<U>(), pc = gb ? Padded(gc, C) : std::vector<U>();
   ForEachPiece(layout, gb ? 3 : 1, parallel_for, [&](int64_t e0, int64_t e1) {
     k.grad(Raw(dy), Raw(x), Raw(dx), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
@@ -256,7 +210,7 @@ template <typename T, typename U>
 void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, const U* offset,
                               const U* mean, const U* variance, const T* residual,
                               const ForwardArgs& args, T* y, U* batch_mean, U* batch_variance,
-                              U* mean_residual, const ParallelFor& parallel_for) {
+                              U* mean_lo, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   const double eps = static_cast<double>(args.epsilon);
   const int act = static_cast<int>(args.activation);
@@ -276,8 +230,9 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
     if (args.training) {
       var = m2[c] / m;  // NaN for an empty batch
       if (variance_as_u) var = static_cast<double>(static_cast<U>(var));
-      hi[c] = static_cast<U>(mean_d[c]);
-      lo[c] = static_cast<U>(mean_d[c] - static_cast<double>(hi[c]));
+      const MeanParts<U> parts = SplitMean<U>(mean_d[c]);
+      hi[c] = parts.hi;
+      lo[c] = parts.lo;
     } else {
       var = static_cast<double>(variance[c]);
       hi[c] = mean[c];
@@ -285,8 +240,8 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
     }
     batch_mean[c] = hi[c];
     batch_variance[c] = args.training ? static_cast<U>(var) : variance[c];
-    mean_residual[c] = lo[c];
-    const double inv_std = 1.0 / std::sqrt(var + eps);
+    mean_lo[c] = lo[c];
+    const double inv_std = InverseStd(var, eps);
     a[c] = static_cast<U>(inv_std * (scale ? static_cast<double>(scale[c]) : 1.0));
     b[c] = offset ? offset[c] : U(0);
   }
@@ -309,16 +264,16 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
 template <typename T, typename U>
 void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U* offset,
                       const U* mean, const U* variance, const ForwardArgs& args, T* y,
-                      U* batch_mean, U* batch_variance, U* mean_residual,
+                      U* batch_mean, U* batch_variance, U* mean_lo,
                       const ParallelFor& parallel_for) {
   BatchNormForwardEpilogue<T, U>(layout, x, scale, offset, mean, variance, nullptr, args, y,
-                                 batch_mean, batch_variance, mean_residual, parallel_for);
+                                 batch_mean, batch_variance, mean_lo, parallel_for);
 }
 
 template <typename T, typename U>
 void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
                                const U* offset, const T* residual, const U* mean,
-                               const U* mean_residual, const U* variance,
+                               const U* mean_lo, const U* variance,
                                const U* d_batch_mean, const U* d_batch_variance,
                                const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
                                U* doffset, const ParallelFor& parallel_for) {
@@ -333,8 +288,8 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
   std::vector<double> r(C), s(C);
   for (int64_t c = 0; c < C; ++c) {
     hi[c] = mean[c];
-    lo[c] = mean_residual ? mean_residual[c] : U(0);
-    r[c] = 1.0 / std::sqrt(static_cast<double>(variance[c]) + eps);
+    lo[c] = mean_lo ? mean_lo[c] : U(0);
+    r[c] = InverseStd(static_cast<double>(variance[c]), eps);
     s[c] = scale ? static_cast<double>(scale[c]) : 1.0;
     a[c] = static_cast<U>(r[c] * s[c]);  // the forward's factor, bit for bit
     b[c] = offset ? offset[c] : U(0);
@@ -371,11 +326,11 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     dscale[c] = empty ? U(0) : static_cast<U>(r[c] * sum_dy_xc[c]);
     ga[c] = static_cast<U>(s[c] * r[c]);
     if (args.training && !empty) {
-      // dx = s*r*(dy - mean(dy) - xhat*mean(dy*xhat)) + d_mean/m + 2*d_var*(x - mean)/m
       const double dmu = d_batch_mean ? static_cast<double>(d_batch_mean[c]) : 0.0;
       const double dvar = d_batch_variance ? static_cast<double>(d_batch_variance[c]) : 0.0;
-      gb[c] = static_cast<U>(-s[c] * r[c] * r[c] * r[c] * sum_dy_xc[c] / m + 2.0 * dvar / m);
-      gc[c] = static_cast<U>(-s[c] * r[c] * sum_dy[c] / m + dmu / m);
+      const auto g = TrainingGradCoefficients(s[c], r[c], sum_dy[c], sum_dy_xc[c], dmu, dvar, m);
+      gb[c] = static_cast<U>(g.gb);
+      gc[c] = static_cast<U>(g.gc);
     }
   }
   const bool full = args.training;
@@ -412,44 +367,27 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
 
 template <typename T, typename U>
 void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_residual, const U* variance,
+                       const U* mean, const U* mean_lo, const U* variance,
                        const U* d_batch_mean, const U* d_batch_variance,
                        const ForwardArgs& args, T* dx, U* dscale, U* doffset,
                        const ParallelFor& parallel_for) {
   ForwardArgs plain = args;
   plain.activation = Activation::kIdentity;
-  BatchNormBackwardEpilogue<T, U>(layout, dy, x, scale, nullptr, nullptr, mean, mean_residual,
+  BatchNormBackwardEpilogue<T, U>(layout, dy, x, scale, nullptr, nullptr, mean, mean_lo,
                                   variance, d_batch_mean, d_batch_variance, plain, dx, nullptr,
                                   dscale, doffset, parallel_for);
 }
 
-#define TFBN_INSTANTIATE(T, U)                                                              \
-  template void ChannelMoments<T>(const Layout&, const T*, double*, double*,                \
-                                  const ParallelFor&);                                      \
-  template void ApplyAffine<T, U>(const Layout&, const T*, const U*, const U*, const U*,    \
-                                  const U*, T*, const ParallelFor&);                        \
-  template void GradSums<T, U>(const Layout&, const T*, const T*, const U*, const U*,       \
-                               double*, double*, const ParallelFor&);                       \
-  template void ApplyGrad<T, U>(const Layout&, const T*, const T*, const U*, const U*,      \
-                                const U*, const U*, const U*, T*, const ParallelFor&);      \
-  template void BatchNormForward<T, U>(const Layout&, const T*, const U*, const U*,         \
-                                       const U*, const U*, const ForwardArgs&, T*, U*, U*,  \
-                                       U*, const ParallelFor&);                             \
-  template void BatchNormBackward<T, U>(const Layout&, const T*, const T*, const U*,        \
-                                        const U*, const U*, const U*, const U*, const U*,   \
-                                        const ForwardArgs&, T*, U*, U*, const ParallelFor&); \
-  template void BatchNormForwardEpilogue<T, U>(const Layout&, const T*, const U*, const U*, \
-                                               const U*, const U*, const T*,                \
-                                               const ForwardArgs&, T*, U*, U*, U*,          \
-                                               const ParallelFor&);                         \
-  template void BatchNormBackwardEpilogue<T, U>(                                            \
-      const Layout&, const T*, const T*, const U*, const U*, const T*, const U*, const U*,  \
-      const U*, const U*, const U*, const ForwardArgs&, T*, T*, U*, U*, const ParallelFor&);
-
-TFBN_INSTANTIATE(Eigen::half, float)
-TFBN_INSTANTIATE(Eigen::bfloat16, float)
-TFBN_INSTANTIATE(float, float)
-TFBN_INSTANTIATE(double, double)
-#undef TFBN_INSTANTIATE
+#define TFBN_INSTANTIATE_FUSED(T, U)                                                        \
+  TFBN_INSTANTIATE(ChannelMoments<T>)                                                       \
+  TFBN_INSTANTIATE(ApplyAffine<T, U>)                                                       \
+  TFBN_INSTANTIATE(GradSums<T, U>)                                                          \
+  TFBN_INSTANTIATE(ApplyGrad<T, U>)                                                         \
+  TFBN_INSTANTIATE(BatchNormForward<T, U>)                                                  \
+  TFBN_INSTANTIATE(BatchNormBackward<T, U>)                                                 \
+  TFBN_INSTANTIATE(BatchNormForwardEpilogue<T, U>)                                          \
+  TFBN_INSTANTIATE(BatchNormBackwardEpilogue<T, U>)
+TFBN_FOR_EACH_TYPE(TFBN_INSTANTIATE_FUSED)
+#undef TFBN_INSTANTIATE_FUSED
 
 }  // namespace tfbn

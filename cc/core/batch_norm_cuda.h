@@ -7,14 +7,15 @@
 //
 // The results follow BatchNormForward / BatchNormBackward in batch_norm.h formula by
 // formula (moments shifted by the channel's first sample, terms summed in U over short
-// stretches flushed into double, the hi/lo mean split, the same per-channel coefficients,
-// no fused multiply-add), so the elementwise part matches the CPU kernels bit for bit
-// given the same statistics; the statistics agree up to the order of the additions. Reductions use a partition that depends on
-// the shape and dtype only, and merge partials in a fixed order, without floating-point
-// atomics: the same inputs give bitwise the same outputs on every run and every GPU.
+// stretches flushed into double, and batch_norm_math.h's two-part mean and per-channel
+// coefficients, without fused multiply-add), so the elementwise part matches the CPU
+// kernels bit for bit given the same statistics; the statistics agree up to the order of
+// the additions. Reductions use a partition that depends on the shape and dtype only, and
+// merge partials in a fixed order, without floating-point atomics: the same inputs give
+// bitwise the same outputs on every run and every GPU.
 //
 // Data of dtype T is x, y, dy, dx. Per-channel values (scale, offset, mean, variance,
-// statistics, residual, gradients) are U = double for kDouble and float otherwise.
+// statistics, mean_lo, gradients) are U = double for kDouble and float otherwise.
 // kHalf is IEEE binary16 (__half, Eigen::half); kBFloat16 is bfloat16 (__nv_bfloat16,
 // Eigen::bfloat16): only the bit layout matters.
 #pragma once
@@ -48,17 +49,22 @@ size_t BackwardWorkspaceBytes(DType dtype, const Layout& layout);
 cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x,
                              const void* scale, const void* offset, const void* mean,
                              const void* variance, const ForwardArgs& args, void* y,
-                             void* batch_mean, void* batch_variance, void* mean_residual,
+                             void* batch_mean, void* batch_variance, void* mean_lo,
                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// As BatchNormBackward in batch_norm.h. scale, mean_residual, d_batch_mean and
+// As BatchNormBackward in batch_norm.h. scale, mean_lo, d_batch_mean and
 // d_batch_variance may be nullptr (1, 0, 0, 0). dx may alias dy.
 cudaError_t BatchNormBackward(DType dtype, const Layout& layout, const void* dy, const void* x,
-                              const void* scale, const void* mean, const void* mean_residual,
+                              const void* scale, const void* mean, const void* mean_lo,
                               const void* variance, const void* d_batch_mean,
                               const void* d_batch_variance, const ForwardArgs& args, void* dx,
                               void* dscale, void* doffset, void* workspace,
                               size_t workspace_bytes, cudaStream_t stream);
+
+// The CUDA kernels have no fused epilogue: the launchers refuse an activation other than
+// identity with cudaErrorNotSupported. This says why in words (nullptr where the launchers
+// take these arguments), for the callers' error messages.
+const char* UnsupportedArgs(const ForwardArgs& args);
 
 // The CUDA runtime linked into this library (static), for callers that must not bind to
 // another one (the TensorFlow glue, which sees TensorFlow's runtime stubs).

@@ -21,6 +21,8 @@ struct BFloat16Bits {
 // Reductions: "rows" kernels add rows [r0, r1) of a channels-last layout (inner == 1) into
 // per-channel sums; "planar" kernels sum one channel c of an [outer, C, inner] tensor
 // over its per-channel indices [j0, j1) (j = o * inner + i).
+// hi and lo are the mean's two parts (batch_norm.h's mean and mean_lo): x is centred as
+// (x - hi) - lo.
 // The per-channel parameter arrays of the elementwise kernels (hi, lo, a, b, ga, gb, gc)
 // hold C + kParamPadding entries, entry C + j repeating entry j % C: channels-last blocks
 // then read their parameters with one load even where they wrap into the next row.
@@ -66,7 +68,28 @@ struct CpuKernels {
                            int64_t C, int64_t inner, int64_t e0, int64_t e1, const U* hi,
                            const U* lo, const U* a, const U* b, const U* ga, const U* gb,
                            const U* gc, bool stream);
+
+  // The weighted (masked) kernels: one float weight per (outer, inner) position, times
+  // wscale (a power of two). Statistics: s1 += w * d, s2 += w * d * d with d = x - shift,
+  // over channels-last rows [r0, r1) or channel c's per-channel indices [j0, j1).
+  void (*weighted_moments_rows)(const T* x, const float* w, U wscale, int64_t C, int64_t r0,
+                                int64_t r1, const U* shift, double* s1, double* s2);
+  void (*weighted_moments_planar)(const T* x, const float* w, U wscale, int64_t C,
+                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U shift,
+                                  double* s1, double* s2);
+  // dx = ga * dy + w * (gb * ((x - hi) - lo) + gc) over channels-last rows [r0, r1), R rows
+  // at a time with the coefficients tiled R times (R * C <= 512 where R > 1), or over the
+  // planes [p0, p1) (plane p = o * C + c) of a planar layout.
+  void (*weighted_grad_rows)(const T* dy, const T* x, T* dx, const float* w, U wscale,
+                             int64_t C, int64_t r0, int64_t r1, int64_t R, const U* hi,
+                             const U* lo, const U* ga, const U* gb, const U* gc);
+  void (*weighted_grad_planes)(const T* dy, const T* x, T* dx, const float* w, U wscale,
+                               int64_t C, int64_t inner, int64_t p0, int64_t p1, const U* hi,
+                               const U* lo, const U* ga, const U* gb, const U* gc);
 };
+
+// The most values weighted_grad_rows takes in one pass: R rows of C channels, R * C <= this.
+constexpr int64_t kWeightedRowsSpan = 512;
 
 struct CpuKernelTable {
   const char* isa;
@@ -79,8 +102,8 @@ struct CpuKernelTable {
   CpuKernels<double, double> f64;
 };
 
-// The table for the best instruction set this processor supports (TFBN_CPU_ISA=generic,
-// avx2 or avx512 in the environment forces one, for testing).
+// The table the kernels use: the best instruction set this processor supports, or the one
+// TFBN_CPU_ISA names (see CpuInstructionSet in batch_norm.h).
 const CpuKernelTable& BestCpuKernels();
 
 // Per-ISA tables (defined in cpu_kernels_<isa>.cc).

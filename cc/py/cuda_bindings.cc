@@ -309,7 +309,7 @@ void CheckEpsilon(float epsilon) {
 void Forward(const py::object& x_obj, const py::object& scale, const py::object& offset,
              const py::object& mean, const py::object& variance, const py::object& y_obj,
              const py::object& batch_mean, const py::object& batch_variance,
-             const py::object& reserve, int axis, float epsilon, bool training,
+             const py::object& mean_lo, int axis, float epsilon, bool training,
              int64_t stream, const py::object& workspace) {
   CheckEpsilon(epsilon);
   std::vector<DeviceArray> keep;
@@ -326,7 +326,7 @@ void Forward(const py::object& x_obj, const py::object& scale, const py::object&
   const void* var = ChannelVector(variance, "variance", dtype, C, training, stream, &keep);
   void* bm = ChannelVector(batch_mean, "batch_mean", dtype, C, false, stream, &keep);
   void* bv = ChannelVector(batch_variance, "batch_variance", dtype, C, false, stream, &keep);
-  void* res = ChannelVector(reserve, "reserve", dtype, C, false, stream, &keep);
+  void* lo = ChannelVector(mean_lo, "mean_lo", dtype, C, false, stream, &keep);
   if (C > 0) UseDeviceOf(bm, "batch_mean");
   const cudaStream_t st = AsStream(stream);
   Workspace ws(workspace, cuda::ForwardWorkspaceBytes(dtype, layout, training), stream, st);
@@ -334,14 +334,14 @@ void Forward(const py::object& x_obj, const py::object& scale, const py::object&
   {
     py::gil_scoped_release release;
     error = cuda::BatchNormForward(dtype, layout, x.data, s, o, mu, var,
-                                   ForwardArgs{epsilon, training}, y, bm, bv, res, ws.get(),
+                                   ForwardArgs{epsilon, training}, y, bm, bv, lo, ws.get(),
                                    ws.bytes(), st);
   }
   Check(error, "batch_norm_forward launch");
 }
 
 void Backward(const py::object& dy_obj, const py::object& x_obj, const py::object& scale,
-              const py::object& mean, const py::object& variance, const py::object& reserve,
+              const py::object& mean, const py::object& variance, const py::object& mean_lo,
               const py::object& d_batch_mean, const py::object& d_batch_variance,
               const py::object& dx_obj, const py::object& dscale_obj,
               const py::object& doffset_obj, int axis, float epsilon, bool training,
@@ -359,7 +359,7 @@ void Backward(const py::object& dy_obj, const py::object& x_obj, const py::objec
   const void* s = ChannelVector(scale, "scale", dtype, C, true, stream, &keep);
   const void* mu = ChannelVector(mean, "mean", dtype, C, false, stream, &keep);
   const void* var = ChannelVector(variance, "variance", dtype, C, false, stream, &keep);
-  const void* res = ChannelVector(reserve, "reserve", dtype, C, true, stream, &keep);
+  const void* lo = ChannelVector(mean_lo, "mean_lo", dtype, C, true, stream, &keep);
   const void* dm = ChannelVector(d_batch_mean, "d_batch_mean", dtype, C, true, stream, &keep);
   const void* dv =
       ChannelVector(d_batch_variance, "d_batch_variance", dtype, C, true, stream, &keep);
@@ -371,7 +371,7 @@ void Backward(const py::object& dy_obj, const py::object& x_obj, const py::objec
   cudaError_t error;
   {
     py::gil_scoped_release release;
-    error = cuda::BatchNormBackward(dtype, layout, dy, x.data, s, mu, res, var, dm, dv,
+    error = cuda::BatchNormBackward(dtype, layout, dy, x.data, s, mu, lo, var, dm, dv,
                                     ForwardArgs{epsilon, training}, dx, ds, dof, ws.get(),
                                     ws.bytes(), st);
   }
@@ -405,14 +405,14 @@ void RegisterCudaBindings(py::module_& m) {
   m.def("cuda_batch_norm_forward", &Forward, py::arg("x"), py::arg("scale") = py::none(),
         py::arg("offset") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::kw_only(), py::arg("y"), py::arg("batch_mean"),
-        py::arg("batch_variance"), py::arg("reserve"), py::arg("axis") = -1,
+        py::arg("batch_variance"), py::arg("mean_lo"), py::arg("axis") = -1,
         py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("stream") = 0,
         py::arg("workspace") = py::none(),
         "Fused BN forward on CUDA device tensors; writes y, batch_mean, batch_variance, "
-        "reserve (given by the caller). Enqueued on `stream`, returns without waiting.");
+        "mean_lo (given by the caller). Enqueued on `stream`, returns without waiting.");
   m.def("cuda_batch_norm_backward", &Backward, py::arg("dy"), py::arg("x"),
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none(), py::arg("reserve") = py::none(),
+        py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
         py::kw_only(), py::arg("dx"), py::arg("dscale"), py::arg("doffset"),
         py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("training") = true,

@@ -104,17 +104,21 @@ void CheckEpsilon(float epsilon) {
                                 std::to_string(epsilon));
 }
 
-// The epilogue's activation by name (the Python API's names; None is identity).
+// The epilogue's activation by name (core/activation.h's names and Keras' aliases; None is
+// identity).
 Activation ParseActivation(const py::object& activation) {
   if (activation.is_none()) return Activation::kIdentity;
-  const std::string name = py::str(activation);
-  if (name == "identity" || name == "linear") return Activation::kIdentity;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "relu6") return Activation::kRelu6;
-  if (name == "silu" || name == "swish") return Activation::kSilu;
-  throw std::invalid_argument(
-      "tfbn: activation must be None, 'linear', 'identity', 'relu', 'relu6', 'silu' or "
-      "'swish', got activation=" + std::string(py::repr(activation)));
+  Activation parsed;
+  if (py::isinstance<py::str>(activation) &&
+      LookupActivation(py::cast<std::string>(activation).c_str(), /*allow_aliases=*/true,
+                       &parsed))
+    return parsed;
+  std::string names = "None";
+  for (const char* name : kActivationNames) names += std::string(", '") + name + "'";
+  for (const ActivationAlias& alias : kActivationAliases)
+    names += std::string(", '") + alias.name + "'";
+  throw std::invalid_argument("tfbn: activation must be one of " + names +
+                              ", got activation=" + std::string(py::repr(activation)));
 }
 
 // The epilogue's residual: None, or an array of x's dtype and shape (made contiguous).
@@ -146,24 +150,24 @@ py::tuple Forward(py::array x, const py::object& scale, const py::object& offset
   auto mu = ChannelVector<U>(mean, "mean", C, training);
   auto var = ChannelVector<U>(variance, "variance", C, training);
   py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
-  py::array_t<U> bm(C), bv(C), reserve(C);
+  py::array_t<U> bm(C), bv(C), mean_lo(C);
   const T* xp = static_cast<const T*>(x.data());
   const T* resp = residual ? static_cast<const T*>(residual->data()) : nullptr;
   T* yp = static_cast<T*>(y.mutable_data());
   const U *sp = PtrOrNull(s), *op = PtrOrNull(o), *mp = PtrOrNull(mu), *vp = PtrOrNull(var);
-  U *bmp = bm.mutable_data(), *bvp = bv.mutable_data(), *rp = reserve.mutable_data();
+  U *bmp = bm.mutable_data(), *bvp = bv.mutable_data(), *lop = mean_lo.mutable_data();
   {
     py::gil_scoped_release release;
     BatchNormForwardEpilogue<T, U>(layout, xp, sp, op, mp, vp, resp,
-                                   ForwardArgs{epsilon, training, activation}, yp, bmp, bvp, rp,
+                                   ForwardArgs{epsilon, training, activation}, yp, bmp, bvp, lop,
                                    ThreadsFor(threads));
   }
-  return py::make_tuple(y, bm, bv, reserve);
+  return py::make_tuple(y, bm, bv, mean_lo);
 }
 
 template <typename T, typename U>
 py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py::object& mean,
-                   const py::object& variance, const py::object& reserve,
+                   const py::object& variance, const py::object& mean_lo,
                    const py::object& d_batch_mean, const py::object& d_batch_variance,
                    const py::object& offset, const std::optional<py::array>& residual,
                    Activation activation,
@@ -173,7 +177,7 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
   auto s = ChannelVector<U>(scale, "scale", C, true);
   auto mu = ChannelVector<U>(mean, "mean", C, false);
   auto var = ChannelVector<U>(variance, "variance", C, false);
-  auto res = ChannelVector<U>(reserve, "reserve", C, true);
+  auto lo = ChannelVector<U>(mean_lo, "mean_lo", C, true);
   auto dm = ChannelVector<U>(d_batch_mean, "d_batch_mean", C, true);
   auto dv = ChannelVector<U>(d_batch_variance, "d_batch_variance", C, true);
   auto o = ChannelVector<U>(offset, "offset", C, true);
@@ -184,14 +188,14 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
   const T* dyp = static_cast<const T*>(dy.data());
   const T* xp = static_cast<const T*>(x.data());
   T* dxp = static_cast<T*>(dx.mutable_data());
-  const U *sp = PtrOrNull(s), *mp = mu.data(), *vp = var.data(), *rp = PtrOrNull(res),
+  const U *sp = PtrOrNull(s), *mp = mu.data(), *vp = var.data(), *lop = PtrOrNull(lo),
           *dmp = PtrOrNull(dm), *dvp = PtrOrNull(dv), *offp = PtrOrNull(o);
   const T* resp = residual ? static_cast<const T*>(residual->data()) : nullptr;
   T* dresp = residual ? static_cast<T*>(dres.mutable_data()) : nullptr;
   U *dsp = dscale.mutable_data(), *dop = doffset.mutable_data();
   {
     py::gil_scoped_release release;
-    BatchNormBackwardEpilogue<T, U>(layout, dyp, xp, sp, offp, resp, mp, rp, vp, dmp, dvp,
+    BatchNormBackwardEpilogue<T, U>(layout, dyp, xp, sp, offp, resp, mp, lop, vp, dmp, dvp,
                                     ForwardArgs{epsilon, training, activation}, dxp, dresp, dsp,
                                     dop, ThreadsFor(threads));
   }
@@ -226,7 +230,7 @@ py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& off
 
 py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
                       const py::object& mean, const py::object& variance,
-                      const py::object& reserve, const py::object& d_batch_mean,
+                      const py::object& mean_lo, const py::object& d_batch_mean,
                       const py::object& d_batch_variance, int axis, float epsilon,
                       bool training, int threads, const py::object& offset,
                       const py::object& residual, const py::object& activation) {
@@ -241,21 +245,21 @@ py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
   const auto res = ResidualOf(residual, x);
   switch (kind) {
     case Kind::kHalf:
-      return Backward<Eigen::half, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+      return Backward<Eigen::half, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                           d_batch_variance, offset, res, act, axis, epsilon,
                                           training, threads);
     case Kind::kBFloat16:
-      return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, reserve,
+      return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, mean_lo,
                                               d_batch_mean, d_batch_variance, offset, res, act,
                                               axis, epsilon, training, threads);
     case Kind::kFloat:
-      return Backward<float, float>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+      return Backward<float, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                     d_batch_variance, offset, res, act, axis, epsilon, training,
                                     threads);
     case Kind::kDouble:
       break;
   }
-  return Backward<double, double>(dy, x, scale, mean, variance, reserve, d_batch_mean,
+  return Backward<double, double>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                   d_batch_variance, offset, res, act, axis, epsilon, training,
                                   threads);
 }
@@ -271,6 +275,17 @@ void StreamCopyBuffers(const py::buffer& src, py::buffer dst, int threads) {
   StreamCopy(in.ptr, out.ptr, nbytes, ThreadsFor(threads));
 }
 
+py::dict CpuInstructionSetInfo() {
+  py::dict info;
+  info["isa"] = CpuInstructionSet();
+  info["supported"] = py::str(CpuInstructionSetsSupported()).attr("split")();
+  const std::string requested = CpuInstructionSetRequested();
+  const std::string warning = CpuInstructionSetWarning();
+  info["requested"] = requested.empty() ? py::object(py::none()) : py::str(requested);
+  info["warning"] = warning.empty() ? py::object(py::none()) : py::str(warning);
+  return info;
+}
+
 }  // namespace
 }  // namespace tfbn
 
@@ -281,11 +296,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("variance") = py::none(), py::kw_only(), py::arg("axis") = -1,
         py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("threads") = 0,
         py::arg("residual") = py::none(), py::arg("activation") = py::none(),
-        "Returns (y, batch_mean, batch_variance, reserve); with residual and/or activation, "
+        "Returns (y, batch_mean, batch_variance, mean_lo); with residual and/or activation, "
         "y = activation(BN(x) + residual).");
   m.def("batch_norm_backward", &tfbn::BackwardAny, py::arg("dy"), py::arg("x"),
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none(), py::arg("reserve") = py::none(),
+        py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
         py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f,
         py::arg("training") = true, py::arg("threads") = 0, py::arg("offset") = py::none(),
@@ -296,7 +311,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("stream_copy", &tfbn::StreamCopyBuffers, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
   m.def("cpu_instruction_set", &tfbn::CpuInstructionSet,
-        "The instruction set whose CPU kernels run here: avx512, avx2 or generic.");
+        "The instruction set whose CPU kernels run here: avx512, avx2 or generic (the best "
+        "supported, or the one TFBN_CPU_ISA names where this processor supports it).");
+  m.def("cpu_instruction_set_info", &tfbn::CpuInstructionSetInfo,
+        "The CPU kernels' instruction set: a dict of 'isa' (the one that runs), 'supported' "
+        "(a list), 'requested' (TFBN_CPU_ISA, None when unset) and 'warning' (why the request "
+        "was not honoured, None when it was).");
   m.attr("cpu_built") = true;
 #if TFBN_WITH_CUDA
   tfbn::RegisterCudaBindings(m);  // cuda_* entry points on device tensors

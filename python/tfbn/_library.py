@@ -79,9 +79,12 @@ XLA_LOADED, XLA_REASON = _load_xla()
 
 
 def build_info():
-    """What this build contains: TensorFlow version, CUDA kernels and architectures, and
-    whether the XLA lowerings are in it and loaded ("xla"; "xla_reason" says why not)."""
+    """What this build contains: TensorFlow version, CUDA kernels and architectures,
+    whether the XLA lowerings are in it and loaded ("xla"; "xla_reason" says why not), and
+    the instruction set the CPU kernels run on ("cpu_instruction_set": isa, supported,
+    requested = TFBN_CPU_ISA, warning = why that request was not honoured)."""
     from . import _build_info as b
+    from . import _core
 
     archs = [a for a in b.CUDA_ARCHITECTURES.replace(",", ";").split(";") if a]
     return {
@@ -93,4 +96,5 @@ def build_info():
         "xla_reason": XLA_REASON,
         "compiler": b.COMPILER,
         "ops_library": OPS_LIBRARY_PATH,
+        "cpu_instruction_set": _core.cpu_instruction_set_info(),
     }

@@ -91,13 +91,13 @@ class CudaBatchNorm:
         c = x.shape[axis]
         u = self.param_dtype(x)
         y = torch.empty_like(x)
-        bm, bv, res = (torch.empty(c, dtype=u, device=x.device) for _ in range(3))
+        bm, bv, lo = (torch.empty(c, dtype=u, device=x.device) for _ in range(3))
         self.core.cuda_batch_norm_forward(
             x, scale, offset, mean, variance, y=y, batch_mean=bm, batch_variance=bv,
-            reserve=res, axis=axis, epsilon=epsilon, training=training, stream=self.stream())
-        return y, bm, bv, res
+            mean_lo=lo, axis=axis, epsilon=epsilon, training=training, stream=self.stream())
+        return y, bm, bv, lo
 
-    def backward(self, dy, x, scale=None, mean=None, variance=None, reserve=None,
+    def backward(self, dy, x, scale=None, mean=None, variance=None, mean_lo=None,
                  d_batch_mean=None, d_batch_variance=None, *, axis=-1, epsilon=1e-3,
                  training=True):
         torch = self.torch
@@ -106,7 +106,7 @@ class CudaBatchNorm:
         dx = torch.empty_like(x)
         ds, do = (torch.empty(c, dtype=u, device=x.device) for _ in range(2))
         self.core.cuda_batch_norm_backward(
-            dy, x, scale, mean, variance, reserve, d_batch_mean, d_batch_variance, dx=dx,
+            dy, x, scale, mean, variance, mean_lo, d_batch_mean, d_batch_variance, dx=dx,
             dscale=ds, doffset=do, axis=axis, epsilon=epsilon, training=training,
             stream=self.stream())
         return dx, ds, do
