@@ -47,7 +47,7 @@ install: $(DEPS) xla-deps
 lint: $(DEPS)
 	$(VENV)/bin/ruff check --extend-exclude "$(LINT_PY_EXCLUDE)" .
 	@if [ -n "$(strip $(LINT_CC))" ]; then \
-	  find $(LINT_CC) \( -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.inc' \) \
+	  find $(LINT_CC) \( -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc' \) \
 	    -print0 | sort -z | xargs -0 $(VENV)/bin/clang-format --dry-run --Werror; \
 	fi
 

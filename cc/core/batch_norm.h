@@ -95,11 +95,10 @@ void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U*
 // d_batch_mean/d_batch_variance (nullptr = 0) are the gradients reaching the forward's
 // statistics outputs in training; they are folded into dx. scale nullptr means 1.
 template <typename T, typename U>
-void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_lo, const U* variance,
-                       const U* d_batch_mean, const U* d_batch_variance,
-                       const ForwardArgs& args, T* dx, U* dscale, U* doffset,
-                       const ParallelFor& parallel_for);
+void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale, const U* mean,
+                       const U* mean_lo, const U* variance, const U* d_batch_mean,
+                       const U* d_batch_variance, const ForwardArgs& args, T* dx, U* dscale,
+                       U* doffset, const ParallelFor& parallel_for);
 
 // ---- The fused epilogue: y = act(z), z = BN(x) + residual, CPU. ----
 // residual (nullptr = none) has x's shape; args.activation picks act. With an activation
@@ -117,11 +116,10 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
 // the apply pass each recompute z.
 template <typename T, typename U>
 void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
-                               const U* offset, const T* residual, const U* mean,
-                               const U* mean_lo, const U* variance,
-                               const U* d_batch_mean, const U* d_batch_variance,
-                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
-                               U* doffset, const ParallelFor& parallel_for);
+                               const U* offset, const T* residual, const U* mean, const U* mean_lo,
+                               const U* variance, const U* d_batch_mean, const U* d_batch_variance,
+                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale, U* doffset,
+                               const ParallelFor& parallel_for);
 
 // ---- Split op family (batch_norm_split.cc): statistics | collective | apply. ----
 // Synchronized BatchNorm runs these with a collective between the statistics and the
@@ -144,15 +142,14 @@ void MergeMoments(int64_t parts, int64_t channels, const double* partials, doubl
 // Merged [count, mean, M2] -> mean split into mean + mean_lo, biased variance; NaN for both
 // where count is 0 (as the fused op's empty batch).
 template <typename U>
-void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo,
-                     U* variance);
+void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo, U* variance);
 
 // y = ((x - mean) - mean_lo) * rsqrt(variance + epsilon) * scale + offset.
 // scale/offset nullptr mean 1/0, mean_lo nullptr means 0.
 template <typename T, typename U>
 void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* offset,
-                     const U* mean, const U* mean_lo, const U* variance, float epsilon,
-                     T* y, const ParallelFor& parallel_for);
+                     const U* mean, const U* mean_lo, const U* variance, float epsilon, T* y,
+                     const ParallelFor& parallel_for);
 
 // Backward given sums over the whole (global) batch. local_sums [2][C]: GradSums of this
 // slice (sum dy, sum dy * (x - mean)), which give dscale and doffset of this slice.
@@ -160,11 +157,11 @@ void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* 
 // with 4 rows also the summed gradients reaching the batch mean and variance outputs.
 // count [C]: elements per channel in the whole batch.
 template <typename T, typename U>
-void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_lo, const U* variance,
-                       const double* local_sums, const double* global_sums,
-                       int64_t global_rows, const double* count, float epsilon, T* dx,
-                       U* dscale, U* doffset, const ParallelFor& parallel_for);
+void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale, const U* mean,
+                       const U* mean_lo, const U* variance, const double* local_sums,
+                       const double* global_sums, int64_t global_rows, const double* count,
+                       float epsilon, T* dx, U* dscale, U* doffset,
+                       const ParallelFor& parallel_for);
 
 // ---- Weighted split pieces (batch_norm_weighted.cc): masks. ----
 // weights holds one value per (outer, inner) position, [outer * inner] in that order,
@@ -174,8 +171,8 @@ void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* s
 // Positions of weight 0 are skipped (their values, NaN included, never reach the sums);
 // all weights 0 gives 0, 0, 0.
 template <typename T>
-void WeightedPartialMoments(const Layout& layout, const T* x, const float* weights,
-                            double* partial, const ParallelFor& parallel_for);
+void WeightedPartialMoments(const Layout& layout, const T* x, const float* weights, double* partial,
+                            const ParallelFor& parallel_for);
 
 // ApplyGradWithSums for weighted statistics: count holds the merged weight sum W, and
 // every term that comes from the statistics' dependence on x is scaled by the element's

@@ -76,8 +76,8 @@ void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& 
 // Elementwise passes: fn(e0, e1) over pieces of the flat element range, spread over
 // threads. Pieces start on multiples of kPieceElements (aligned outputs stay aligned).
 template <class Fn>
-void ForEachPiece(const Layout& layout, int64_t cost_per_element,
-                  const ParallelFor& parallel_for, const Fn& fn) {
+void ForEachPiece(const Layout& layout, int64_t cost_per_element, const ParallelFor& parallel_for,
+                  const Fn& fn) {
   const int64_t n = layout.size();
   const int64_t pieces = (n + kPieceElements - 1) / kPieceElements;
   parallel_for(pieces, cost_per_element * kPieceElements, [&](int64_t p0, int64_t p1) {
@@ -165,8 +165,8 @@ void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* me
   const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C);
   const auto pa = Padded(a, C), pb = Padded(b, C);
   ForEachPiece(layout, 2, parallel_for, [&](int64_t e0, int64_t e1) {
-    k.affine(Raw(x), Raw(y), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(),
-             pb.data(), stream);
+    k.affine(Raw(x), Raw(y), C, layout.inner, e0, e1, ph.data(), pl.data(), pa.data(), pb.data(),
+             stream);
   });
 }
 
@@ -256,8 +256,8 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
   const auto* res = residual ? Raw(residual) : nullptr;
   ForEachPiece(layout, args.activation == Activation::kSilu ? 8 : 3, parallel_for,
                [&](int64_t e0, int64_t e1) {
-                 k.affine_epilogue[act](Raw(x), res, Raw(y), C, layout.inner, e0, e1,
-                                        ph.data(), pl.data(), pa.data(), pb.data(), stream);
+                 k.affine_epilogue[act](Raw(x), res, Raw(y), C, layout.inner, e0, e1, ph.data(),
+                                        pl.data(), pa.data(), pb.data(), stream);
                });
 }
 
@@ -272,11 +272,10 @@ void BatchNormForward(const Layout& layout, const T* x, const U* scale, const U*
 
 template <typename T, typename U>
 void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, const U* scale,
-                               const U* offset, const T* residual, const U* mean,
-                               const U* mean_lo, const U* variance,
-                               const U* d_batch_mean, const U* d_batch_variance,
-                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale,
-                               U* doffset, const ParallelFor& parallel_for) {
+                               const U* offset, const T* residual, const U* mean, const U* mean_lo,
+                               const U* variance, const U* d_batch_mean, const U* d_batch_variance,
+                               const ForwardArgs& args, T* dx, T* dresidual, U* dscale, U* doffset,
+                               const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   const double eps = static_cast<double>(args.epsilon);
   const double m = static_cast<double>(layout.per_channel());
@@ -298,8 +297,7 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
   const auto* res = residual ? Raw(residual) : nullptr;
   std::vector<double> sum_dy(C), sum_dy_xc(C);
   if (plain) {
-    GradSums(layout, dy, x, hi.data(), lo.data(), sum_dy.data(), sum_dy_xc.data(),
-             parallel_for);
+    GradSums(layout, dy, x, hi.data(), lo.data(), sum_dy.data(), sum_dy_xc.data(), parallel_for);
   } else if (empty) {
     std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
     std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
@@ -312,12 +310,12 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     ReducePerChannel(
         layout,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-          k.epilogue_sums_rows[act](Raw(dy), Raw(x), res, C, r0, r1, hi.data(), lo.data(),
-                                    a.data(), b.data(), p1, p2, dz, stream);
+          k.epilogue_sums_rows[act](Raw(dy), Raw(x), res, C, r0, r1, hi.data(), lo.data(), a.data(),
+                                    b.data(), p1, p2, dz, stream);
         },
         [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-          k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c, j0, j1, hi[c], lo[c],
-                                      a[c], b[c], p1, p2, dz, stream);
+          k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c, j0, j1, hi[c], lo[c], a[c],
+                                      b[c], p1, p2, dz, stream);
         },
         sum_dy.data(), sum_dy_xc.data(), parallel_for);
   }
@@ -345,9 +343,8 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
               full ? gc.data() : nullptr, dx, parallel_for);
     if (!plain) return;
     if (dresidual != nullptr)
-      ForEachPiece(layout, 1, parallel_for, [&](int64_t e0, int64_t e1) {
-        std::copy(dy + e0, dy + e1, dresidual + e0);
-      });
+      ForEachPiece(layout, 1, parallel_for,
+                   [&](int64_t e0, int64_t e1) { std::copy(dy + e0, dy + e1, dresidual + e0); });
     return;
   }
   // No dresidual output, or a half-precision one: the last pass recomputes z.
@@ -359,33 +356,32 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
   ForEachPiece(layout, args.activation == Activation::kSilu ? 10 : 5, parallel_for,
                [&](int64_t e0, int64_t e1) {
                  k.epilogue_grad[act](Raw(dy), Raw(x), res, Raw(dx), C, layout.inner, e0, e1,
-                                      ph.data(), pl.data(), pa.data(), pb.data(),
-                                      pga.data(), full ? pgb.data() : nullptr,
-                                      full ? pgc.data() : nullptr, stream);
+                                      ph.data(), pl.data(), pa.data(), pb.data(), pga.data(),
+                                      full ? pgb.data() : nullptr, full ? pgc.data() : nullptr,
+                                      stream);
                });
 }
 
 template <typename T, typename U>
-void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_lo, const U* variance,
-                       const U* d_batch_mean, const U* d_batch_variance,
-                       const ForwardArgs& args, T* dx, U* dscale, U* doffset,
-                       const ParallelFor& parallel_for) {
+void BatchNormBackward(const Layout& layout, const T* dy, const T* x, const U* scale, const U* mean,
+                       const U* mean_lo, const U* variance, const U* d_batch_mean,
+                       const U* d_batch_variance, const ForwardArgs& args, T* dx, U* dscale,
+                       U* doffset, const ParallelFor& parallel_for) {
   ForwardArgs plain = args;
   plain.activation = Activation::kIdentity;
-  BatchNormBackwardEpilogue<T, U>(layout, dy, x, scale, nullptr, nullptr, mean, mean_lo,
-                                  variance, d_batch_mean, d_batch_variance, plain, dx, nullptr,
-                                  dscale, doffset, parallel_for);
+  BatchNormBackwardEpilogue<T, U>(layout, dy, x, scale, nullptr, nullptr, mean, mean_lo, variance,
+                                  d_batch_mean, d_batch_variance, plain, dx, nullptr, dscale,
+                                  doffset, parallel_for);
 }
 
-#define TFBN_INSTANTIATE_FUSED(T, U)                                                        \
-  TFBN_INSTANTIATE(ChannelMoments<T>)                                                       \
-  TFBN_INSTANTIATE(ApplyAffine<T, U>)                                                       \
-  TFBN_INSTANTIATE(GradSums<T, U>)                                                          \
-  TFBN_INSTANTIATE(ApplyGrad<T, U>)                                                         \
-  TFBN_INSTANTIATE(BatchNormForward<T, U>)                                                  \
-  TFBN_INSTANTIATE(BatchNormBackward<T, U>)                                                 \
-  TFBN_INSTANTIATE(BatchNormForwardEpilogue<T, U>)                                          \
+#define TFBN_INSTANTIATE_FUSED(T, U)               \
+  TFBN_INSTANTIATE(ChannelMoments<T>)              \
+  TFBN_INSTANTIATE(ApplyAffine<T, U>)              \
+  TFBN_INSTANTIATE(GradSums<T, U>)                 \
+  TFBN_INSTANTIATE(ApplyGrad<T, U>)                \
+  TFBN_INSTANTIATE(BatchNormForward<T, U>)         \
+  TFBN_INSTANTIATE(BatchNormBackward<T, U>)        \
+  TFBN_INSTANTIATE(BatchNormForwardEpilogue<T, U>) \
   TFBN_INSTANTIATE(BatchNormBackwardEpilogue<T, U>)
 TFBN_FOR_EACH_TYPE(TFBN_INSTANTIATE_FUSED)
 #undef TFBN_INSTANTIATE_FUSED

@@ -40,9 +40,9 @@ namespace {
 template <typename T>
 cudaError_t Forward(const Layout& layout, const T* x, const ParamT<T>* scale,
                     const ParamT<T>* offset, const ParamT<T>* mean, const ParamT<T>* variance,
-                    const ForwardArgs& args, T* y, ParamT<T>* batch_mean,
-                    ParamT<T>* batch_variance, ParamT<T>* mean_lo, void* workspace,
-                    size_t workspace_bytes, cudaStream_t stream) {
+                    const ForwardArgs& args, T* y, ParamT<T>* batch_mean, ParamT<T>* batch_variance,
+                    ParamT<T>* mean_lo, void* workspace, size_t workspace_bytes,
+                    cudaStream_t stream) {
   using U = ParamT<T>;
   const int64_t C = layout.channels;
   if (C == 0) return cudaSuccess;
@@ -57,19 +57,18 @@ cudaError_t Forward(const Layout& layout, const T* x, const ParamT<T>* scale,
   }
   const dim3 fblock = FinalizeBlock(C);
   ForwardFinalizeKernel<T><<<static_cast<unsigned>(CeilDiv(C, fblock.x)), fblock, 0, stream>>>(
-      x, layout.inner, C, plan.nb, layout.per_channel(), partial, scale, offset, mean,
-      variance, args.epsilon, args.training, batch_mean, batch_variance, mean_lo, coef);
+      x, layout.inner, C, plan.nb, layout.per_channel(), partial, scale, offset, mean, variance,
+      args.epsilon, args.training, batch_mean, batch_variance, mean_lo, coef);
   LaunchApply<ForwardApply<T>>(x, nullptr, coef, y, layout, stream);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t Backward(const Layout& layout, const T* dy, const T* x, const ParamT<T>* scale,
-                     const ParamT<T>* mean, const ParamT<T>* mean_lo,
-                     const ParamT<T>* variance, const ParamT<T>* d_batch_mean,
-                     const ParamT<T>* d_batch_variance, const ForwardArgs& args, T* dx,
-                     ParamT<T>* dscale, ParamT<T>* doffset, void* workspace,
-                     size_t workspace_bytes, cudaStream_t stream) {
+                     const ParamT<T>* mean, const ParamT<T>* mean_lo, const ParamT<T>* variance,
+                     const ParamT<T>* d_batch_mean, const ParamT<T>* d_batch_variance,
+                     const ForwardArgs& args, T* dx, ParamT<T>* dscale, ParamT<T>* doffset,
+                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using U = ParamT<T>;
   const int64_t C = layout.channels;
   if (C == 0) return cudaSuccess;
@@ -107,23 +106,27 @@ size_t BackwardWorkspaceBytes(DType dtype, const Layout& layout) {
   return MakeWorkspacePlan(layout, plan, ParamBytes(dtype), 5).total();
 }
 
-cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x,
-                             const void* scale, const void* offset, const void* mean,
-                             const void* variance, const ForwardArgs& args, void* y,
-                             void* batch_mean, void* batch_variance, void* mean_lo,
-                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x, const void* scale,
+                             const void* offset, const void* mean, const void* variance,
+                             const ForwardArgs& args, void* y, void* batch_mean,
+                             void* batch_variance, void* mean_lo, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream) {
   if (UnsupportedArgs(args) != nullptr) return cudaErrorNotSupported;
-#define TFBN_FORWARD(T)                                                                     \
-  Forward<T>(layout, static_cast<const T*>(x), static_cast<const ParamT<T>*>(scale),        \
-             static_cast<const ParamT<T>*>(offset), static_cast<const ParamT<T>*>(mean),    \
-             static_cast<const ParamT<T>*>(variance), args, static_cast<T*>(y),             \
-             static_cast<ParamT<T>*>(batch_mean), static_cast<ParamT<T>*>(batch_variance),  \
+#define TFBN_FORWARD(T)                                                                    \
+  Forward<T>(layout, static_cast<const T*>(x), static_cast<const ParamT<T>*>(scale),       \
+             static_cast<const ParamT<T>*>(offset), static_cast<const ParamT<T>*>(mean),   \
+             static_cast<const ParamT<T>*>(variance), args, static_cast<T*>(y),            \
+             static_cast<ParamT<T>*>(batch_mean), static_cast<ParamT<T>*>(batch_variance), \
              static_cast<ParamT<T>*>(mean_lo), workspace, workspace_bytes, stream)
   switch (dtype) {
-    case DType::kHalf: return TFBN_FORWARD(__half);
-    case DType::kBFloat16: return TFBN_FORWARD(__nv_bfloat16);
-    case DType::kFloat: return TFBN_FORWARD(float);
-    case DType::kDouble: return TFBN_FORWARD(double);
+    case DType::kHalf:
+      return TFBN_FORWARD(__half);
+    case DType::kBFloat16:
+      return TFBN_FORWARD(__nv_bfloat16);
+    case DType::kFloat:
+      return TFBN_FORWARD(float);
+    case DType::kDouble:
+      return TFBN_FORWARD(double);
   }
 #undef TFBN_FORWARD
   return cudaErrorInvalidValue;
@@ -133,23 +136,26 @@ cudaError_t BatchNormBackward(DType dtype, const Layout& layout, const void* dy,
                               const void* scale, const void* mean, const void* mean_lo,
                               const void* variance, const void* d_batch_mean,
                               const void* d_batch_variance, const ForwardArgs& args, void* dx,
-                              void* dscale, void* doffset, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream) {
+                              void* dscale, void* doffset, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream) {
   if (UnsupportedArgs(args) != nullptr) return cudaErrorNotSupported;
-#define TFBN_BACKWARD(T)                                                                    \
-  Backward<T>(layout, static_cast<const T*>(dy), static_cast<const T*>(x),                  \
-              static_cast<const ParamT<T>*>(scale), static_cast<const ParamT<T>*>(mean),    \
-              static_cast<const ParamT<T>*>(mean_lo),                                 \
-              static_cast<const ParamT<T>*>(variance),                                      \
-              static_cast<const ParamT<T>*>(d_batch_mean),                                  \
-              static_cast<const ParamT<T>*>(d_batch_variance), args, static_cast<T*>(dx),   \
-              static_cast<ParamT<T>*>(dscale), static_cast<ParamT<T>*>(doffset), workspace, \
+#define TFBN_BACKWARD(T)                                                                       \
+  Backward<T>(layout, static_cast<const T*>(dy), static_cast<const T*>(x),                     \
+              static_cast<const ParamT<T>*>(scale), static_cast<const ParamT<T>*>(mean),       \
+              static_cast<const ParamT<T>*>(mean_lo), static_cast<const ParamT<T>*>(variance), \
+              static_cast<const ParamT<T>*>(d_batch_mean),                                     \
+              static_cast<const ParamT<T>*>(d_batch_variance), args, static_cast<T*>(dx),      \
+              static_cast<ParamT<T>*>(dscale), static_cast<ParamT<T>*>(doffset), workspace,    \
               workspace_bytes, stream)
   switch (dtype) {
-    case DType::kHalf: return TFBN_BACKWARD(__half);
-    case DType::kBFloat16: return TFBN_BACKWARD(__nv_bfloat16);
-    case DType::kFloat: return TFBN_BACKWARD(float);
-    case DType::kDouble: return TFBN_BACKWARD(double);
+    case DType::kHalf:
+      return TFBN_BACKWARD(__half);
+    case DType::kBFloat16:
+      return TFBN_BACKWARD(__nv_bfloat16);
+    case DType::kFloat:
+      return TFBN_BACKWARD(float);
+    case DType::kDouble:
+      return TFBN_BACKWARD(double);
   }
 #undef TFBN_BACKWARD
   return cudaErrorInvalidValue;

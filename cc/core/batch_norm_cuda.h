@@ -32,9 +32,7 @@ namespace cuda {
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-inline size_t ElementBytes(DType t) {
-  return t == DType::kDouble ? 8 : t == DType::kFloat ? 4 : 2;
-}
+inline size_t ElementBytes(DType t) { return t == DType::kDouble ? 8 : t == DType::kFloat ? 4 : 2; }
 inline size_t ParamBytes(DType t) { return t == DType::kDouble ? 8 : 4; }
 
 // Device workspace the launchers need for these sizes (0 is possible). The size depends on
@@ -46,11 +44,11 @@ size_t BackwardWorkspaceBytes(DType dtype, const Layout& layout);
 // mean/variance are read in inference only. y may alias x.
 // Returns cudaErrorInvalidValue for a too small workspace or a grid CUDA cannot launch,
 // else the launch status.
-cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x,
-                             const void* scale, const void* offset, const void* mean,
-                             const void* variance, const ForwardArgs& args, void* y,
-                             void* batch_mean, void* batch_variance, void* mean_lo,
-                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
+cudaError_t BatchNormForward(DType dtype, const Layout& layout, const void* x, const void* scale,
+                             const void* offset, const void* mean, const void* variance,
+                             const ForwardArgs& args, void* y, void* batch_mean,
+                             void* batch_variance, void* mean_lo, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
 
 // As BatchNormBackward in batch_norm.h. scale, mean_lo, d_batch_mean and
 // d_batch_variance may be nullptr (1, 0, 0, 0). dx may alias dy.
@@ -58,8 +56,8 @@ cudaError_t BatchNormBackward(DType dtype, const Layout& layout, const void* dy,
                               const void* scale, const void* mean, const void* mean_lo,
                               const void* variance, const void* d_batch_mean,
                               const void* d_batch_variance, const ForwardArgs& args, void* dx,
-                              void* dscale, void* doffset, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream);
+                              void* dscale, void* doffset, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream);
 
 // The CUDA kernels have no fused epilogue: the launchers refuse an activation other than
 // identity with cudaErrorNotSupported. This says why in words (nullptr where the launchers

@@ -5,7 +5,6 @@
 #include <limits>
 #include <vector>
 
-
 #include "core/batch_norm.h"
 #include "core/batch_norm_math.h"
 #include "core/instantiate.h"
@@ -55,8 +54,7 @@ void MergeMoments(int64_t parts, int64_t channels, const double* partials, doubl
 }
 
 template <typename U>
-void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo,
-                     U* variance) {
+void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo, U* variance) {
   const int64_t C = channels;
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   for (int64_t c = 0; c < C; ++c) {
@@ -71,8 +69,8 @@ void FinalizeMoments(int64_t channels, const double* merged, U* mean, U* mean_lo
 
 template <typename T, typename U>
 void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* offset,
-                     const U* mean, const U* mean_lo, const U* variance, float epsilon,
-                     T* y, const ParallelFor& parallel_for) {
+                     const U* mean, const U* mean_lo, const U* variance, float epsilon, T* y,
+                     const ParallelFor& parallel_for) {
   const int64_t C = layout.channels;
   const double eps = static_cast<double>(epsilon);
   std::vector<U> lo(C), a(C), b(C);
@@ -86,15 +84,15 @@ void ApplyStatistics(const Layout& layout, const T* x, const U* scale, const U* 
 }
 
 template <typename T, typename U>
-void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale,
-                       const U* mean, const U* mean_lo, const U* variance,
-                       const double* local_sums, const double* global_sums,
-                       int64_t global_rows, const double* count, float epsilon, T* dx,
-                       U* dscale, U* doffset, const ParallelFor& parallel_for) {
+void ApplyGradWithSums(const Layout& layout, const T* dy, const T* x, const U* scale, const U* mean,
+                       const U* mean_lo, const U* variance, const double* local_sums,
+                       const double* global_sums, int64_t global_rows, const double* count,
+                       float epsilon, T* dx, U* dscale, U* doffset,
+                       const ParallelFor& parallel_for) {
   // The fused op's coefficients with the global sums and count.
-  const auto k = SplitGradCoefficientsFromSums(layout, scale, mean_lo, variance, local_sums,
-                                               global_sums, global_rows, count, 1.0, epsilon,
-                                               dscale, doffset);
+  const auto k =
+      SplitGradCoefficientsFromSums(layout, scale, mean_lo, variance, local_sums, global_sums,
+                                    global_rows, count, 1.0, epsilon, dscale, doffset);
   ApplyGrad(layout, dy, x, mean, k.lo.data(), k.ga.data(), k.gb.data(), k.gc.data(), dx,
             parallel_for);
 }

@@ -48,9 +48,8 @@ U WeightScale(const float* w, int64_t n) {
 // block partition, blocks added in order. W is the same for every channel (one weight per
 // position). S1 and S2 are summed with the weights times wscale (see WeightScale).
 template <typename T>
-void WeightedSums(const Layout& layout, const T* x, const float* w, V<T> wscale,
-                  const V<T>* shift, double* s0, double* s1, double* s2,
-                  const ParallelFor& parallel_for) {
+void WeightedSums(const Layout& layout, const T* x, const float* w, V<T> wscale, const V<T>* shift,
+                  double* s0, double* s1, double* s2, const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel(), inner = layout.inner;
   const int64_t nb = NumBlocks(layout);
   const auto& k = cpu::Kernels<T, V<T>>();
@@ -71,8 +70,7 @@ void WeightedSums(const Layout& layout, const T* x, const float* w, V<T> wscale,
         const int64_t b = t / C, c = t % C;
         double* p = block(b);
         k.weighted_moments_planar(cpu::Raw(x), w, wscale, C, inner, c, BlockBegin(b, nb, m),
-                                  BlockBegin(b + 1, nb, m), shift[c], p + C + c,
-                                  p + 2 * C + c);
+                                  BlockBegin(b + 1, nb, m), shift[c], p + C + c, p + 2 * C + c);
       }
     });
   }
@@ -123,16 +121,16 @@ void ForEachUnit(const Layout& layout, const ParallelFor& parallel_for, const Fn
 }  // namespace
 
 template <typename T>
-void WeightedPartialMoments(const Layout& layout, const T* x, const float* weights,
-                            double* partial, const ParallelFor& parallel_for) {
+void WeightedPartialMoments(const Layout& layout, const T* x, const float* weights, double* partial,
+                            const ParallelFor& parallel_for) {
   const int64_t C = layout.channels, m = layout.per_channel(), inner = layout.inner;
   double* count = partial;
   double* mean = partial + C;
   double* m2 = partial + 2 * C;
   std::fill(partial, partial + kPartialRows * C, 0.0);
   // The first position with weight: its sample of each channel is the first shift.
-  const int64_t first = std::find_if(weights, weights + m, [](float v) { return v != 0.0f; }) -
-                        weights;
+  const int64_t first =
+      std::find_if(weights, weights + m, [](float v) { return v != 0.0f; }) - weights;
   if (C == 0 || first == m) return;  // no weight: contributes nothing to a merge
   const int64_t o = first / inner, i = first - o * inner;
   std::vector<V<T>> shift(static_cast<size_t>(C));
@@ -172,10 +170,9 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
   // dx = s*r*dy + w * (-s*r*S1/W - s*r*xhat*S2/W + d_mean/W + 2*d_var*(x - mean)/W)
   // The kernels take w * wscale, so the coefficients divide by W * wscale.
   const U wscale = WeightScale<U>(weights, layout.per_channel());
-  const auto g = SplitGradCoefficientsFromSums(layout, scale, mean_lo, variance, local_sums,
-                                               global_sums, global_rows, count,
-                                               static_cast<double>(wscale), epsilon, dscale,
-                                               doffset);
+  const auto g = SplitGradCoefficientsFromSums(
+      layout, scale, mean_lo, variance, local_sums, global_sums, global_rows, count,
+      static_cast<double>(wscale), epsilon, dscale, doffset);
   const U* hi = mean;
   const auto& k = cpu::Kernels<T, U>();
   if (inner == 1) {
@@ -186,19 +183,18 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
       tb[j] = g.gb[j % C], tc[j] = g.gc[j % C];
     }
     ForEachUnit(layout, parallel_for, [&](int64_t r0, int64_t r1) {
-      k.weighted_grad_rows(cpu::Raw(dy), cpu::Raw(x), cpu::Raw(dx), weights, wscale, C, r0,
-                           r1, R, th.data(), tl.data(), ta.data(), tb.data(), tc.data());
+      k.weighted_grad_rows(cpu::Raw(dy), cpu::Raw(x), cpu::Raw(dx), weights, wscale, C, r0, r1, R,
+                           th.data(), tl.data(), ta.data(), tb.data(), tc.data());
     });
   } else {
     ForEachUnit(layout, parallel_for, [&](int64_t p0, int64_t p1) {
-      k.weighted_grad_planes(cpu::Raw(dy), cpu::Raw(x), cpu::Raw(dx), weights, wscale, C,
-                             inner, p0, p1, hi, g.lo.data(), g.ga.data(), g.gb.data(),
-                             g.gc.data());
+      k.weighted_grad_planes(cpu::Raw(dy), cpu::Raw(x), cpu::Raw(dx), weights, wscale, C, inner, p0,
+                             p1, hi, g.lo.data(), g.ga.data(), g.gb.data(), g.gc.data());
     });
   }
 }
 
-#define TFBN_INSTANTIATE_WEIGHTED(T, U)         \
+#define TFBN_INSTANTIATE_WEIGHTED(T, U)       \
   TFBN_INSTANTIATE(WeightedPartialMoments<T>) \
   TFBN_INSTANTIATE(WeightedApplyGradWithSums<T, U>)
 TFBN_FOR_EACH_TYPE(TFBN_INSTANTIATE_WEIGHTED)

@@ -49,13 +49,16 @@ Choice Choose() {
       choice.table = name == "avx2" ? &Avx2CpuKernels() : &Avx512CpuKernels();
 #endif
     } else {
-      choice.warning = "TFBN_CPU_ISA=" + name + " asks for an instruction set this processor "
-                       "(or this build) lacks; it supports " + choice.supported +
-                       ", so the " + best->isa + " kernels run";
+      choice.warning = "TFBN_CPU_ISA=" + name +
+                       " asks for an instruction set this processor "
+                       "(or this build) lacks; it supports " +
+                       choice.supported + ", so the " + best->isa + " kernels run";
     }
   } else {
-    choice.warning = "TFBN_CPU_ISA=" + name + " is not an instruction set of tfbn (generic, "
-                     "avx2 or avx512); the " + std::string(best->isa) + " kernels run";
+    choice.warning = "TFBN_CPU_ISA=" + name +
+                     " is not an instruction set of tfbn (generic, "
+                     "avx2 or avx512); the " +
+                     std::string(best->isa) + " kernels run";
   }
   if (!choice.warning.empty()) std::fprintf(stderr, "tfbn: warning: %s\n", choice.warning.c_str());
   return choice;

@@ -30,23 +30,22 @@ constexpr int64_t kParamPadding = 16;
 
 template <typename T, typename U>
 struct CpuKernels {
-  void (*moments_rows)(const T* x, int64_t C, int64_t r0, int64_t r1, const U* shift,
-                       double* s1, double* s2);
-  void (*moments_planar)(const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0,
-                         int64_t j1, U shift, double* s1, double* s2);
-  void (*grad_sums_rows)(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1,
-                         const U* hi, const U* lo, double* s1, double* s2);
-  void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c,
-                           int64_t j0, int64_t j1, U hi, U lo, double* s1, double* s2);
+  void (*moments_rows)(const T* x, int64_t C, int64_t r0, int64_t r1, const U* shift, double* s1,
+                       double* s2);
+  void (*moments_planar)(const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0, int64_t j1,
+                         U shift, double* s1, double* s2);
+  void (*grad_sums_rows)(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, const U* hi,
+                         const U* lo, double* s1, double* s2);
+  void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0,
+                           int64_t j1, U hi, U lo, double* s1, double* s2);
   // Elementwise passes over the flat element range [e0, e1) of an [outer, C, inner]
   // tensor. stream: write with non-temporal stores (outputs too large to stay cached).
   // y = ((x - hi) - lo) * a + b
-  void (*affine)(const T* x, T* y, int64_t C, int64_t inner, int64_t e0, int64_t e1,
-                 const U* hi, const U* lo, const U* a, const U* b, bool stream);
+  void (*affine)(const T* x, T* y, int64_t C, int64_t inner, int64_t e0, int64_t e1, const U* hi,
+                 const U* lo, const U* a, const U* b, bool stream);
   // dx = ga * dy + gb * ((x - hi) - lo) + gc; gb == nullptr: dx = ga * dy.
-  void (*grad)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t e0,
-               int64_t e1, const U* hi, const U* lo, const U* ga, const U* gb, const U* gc,
-               bool stream);
+  void (*grad)(const T* dy, const T* x, T* dx, int64_t C, int64_t inner, int64_t e0, int64_t e1,
+               const U* hi, const U* lo, const U* ga, const U* gb, const U* gc, bool stream);
 
   // The fused epilogue, one entry per Activation (batch_norm.h), residual nullptr = none:
   // z = ((x - hi) - lo) * a + b + residual, the forward's z bit for bit.
@@ -56,36 +55,36 @@ struct CpuKernels {
                              const U* b, bool stream);
   // The sums of grad_sums_* with dz = dy * act'(z) in place of dy; dz (nullptr: not
   // wanted) receives dz itself (stream: with non-temporal stores where aligned).
-  void (*epilogue_sums_rows[4])(const T* dy, const T* x, const T* residual, int64_t C,
-                                int64_t r0, int64_t r1, const U* hi, const U* lo, const U* a,
-                                const U* b, double* s1, double* s2, T* dz, bool stream);
+  void (*epilogue_sums_rows[4])(const T* dy, const T* x, const T* residual, int64_t C, int64_t r0,
+                                int64_t r1, const U* hi, const U* lo, const U* a, const U* b,
+                                double* s1, double* s2, T* dz, bool stream);
   void (*epilogue_sums_planar[4])(const T* dy, const T* x, const T* residual, int64_t C,
-                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U hi, U lo,
-                                  U a, U b, double* s1, double* s2, T* dz, bool stream);
+                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U hi, U lo, U a,
+                                  U b, double* s1, double* s2, T* dz, bool stream);
   // dx = ga * dz + gb * ((x - hi) - lo) + gc (gb == nullptr: dx = ga * dz), z recomputed
   // (the gradient without a dresidual output; with one, grad reads the stored dz).
-  void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx,
-                           int64_t C, int64_t inner, int64_t e0, int64_t e1, const U* hi,
-                           const U* lo, const U* a, const U* b, const U* ga, const U* gb,
-                           const U* gc, bool stream);
+  void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx, int64_t C,
+                           int64_t inner, int64_t e0, int64_t e1, const U* hi, const U* lo,
+                           const U* a, const U* b, const U* ga, const U* gb, const U* gc,
+                           bool stream);
 
   // The weighted (masked) kernels: one float weight per (outer, inner) position, times
   // wscale (a power of two). Statistics: s1 += w * d, s2 += w * d * d with d = x - shift,
   // over channels-last rows [r0, r1) or channel c's per-channel indices [j0, j1).
   void (*weighted_moments_rows)(const T* x, const float* w, U wscale, int64_t C, int64_t r0,
                                 int64_t r1, const U* shift, double* s1, double* s2);
-  void (*weighted_moments_planar)(const T* x, const float* w, U wscale, int64_t C,
-                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U shift,
-                                  double* s1, double* s2);
+  void (*weighted_moments_planar)(const T* x, const float* w, U wscale, int64_t C, int64_t inner,
+                                  int64_t c, int64_t j0, int64_t j1, U shift, double* s1,
+                                  double* s2);
   // dx = ga * dy + w * (gb * ((x - hi) - lo) + gc) over channels-last rows [r0, r1), R rows
   // at a time with the coefficients tiled R times (R * C <= 512 where R > 1), or over the
   // planes [p0, p1) (plane p = o * C + c) of a planar layout.
-  void (*weighted_grad_rows)(const T* dy, const T* x, T* dx, const float* w, U wscale,
-                             int64_t C, int64_t r0, int64_t r1, int64_t R, const U* hi,
-                             const U* lo, const U* ga, const U* gb, const U* gc);
-  void (*weighted_grad_planes)(const T* dy, const T* x, T* dx, const float* w, U wscale,
-                               int64_t C, int64_t inner, int64_t p0, int64_t p1, const U* hi,
-                               const U* lo, const U* ga, const U* gb, const U* gc);
+  void (*weighted_grad_rows)(const T* dy, const T* x, T* dx, const float* w, U wscale, int64_t C,
+                             int64_t r0, int64_t r1, int64_t R, const U* hi, const U* lo,
+                             const U* ga, const U* gb, const U* gc);
+  void (*weighted_grad_planes)(const T* dy, const T* x, T* dx, const float* w, U wscale, int64_t C,
+                               int64_t inner, int64_t p0, int64_t p1, const U* hi, const U* lo,
+                               const U* ga, const U* gb, const U* gc);
 };
 
 // The most values weighted_grad_rows takes in one pass: R rows of C channels, R * C <= this.

@@ -29,11 +29,10 @@ constexpr int64_t kPieceElements = int64_t{1} << 14;
 inline int64_t NumBlocks(const Layout& layout, int64_t partial_bytes_per_channel) {
   const int64_t work = layout.inner == 1 ? layout.size() : layout.per_channel();
   const int64_t wanted = (work + kBlockElements - 1) / kBlockElements;
-  const int64_t by_partials = std::max(
-      kMinBlocks,
-      kPartialBytes / std::max<int64_t>(1, partial_bytes_per_channel * layout.channels));
-  return std::clamp<int64_t>(wanted, 1,
-                             std::min({kMaxBlocks, by_partials, layout.per_channel()}));
+  const int64_t by_partials =
+      std::max(kMinBlocks,
+               kPartialBytes / std::max<int64_t>(1, partial_bytes_per_channel * layout.channels));
+  return std::clamp<int64_t>(wanted, 1, std::min({kMaxBlocks, by_partials, layout.per_channel()}));
 }
 
 // Block b of nb over [0, n): a split that depends on (n, nb) only.

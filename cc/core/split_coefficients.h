@@ -23,8 +23,8 @@ struct SplitGradCoefficients {
 template <typename U>
 SplitGradCoefficients<U> SplitGradCoefficientsFromSums(
     const Layout& layout, const U* scale, const U* mean_lo, const U* variance,
-    const double* local_sums, const double* global_sums, int64_t global_rows,
-    const double* count, double count_scale, float epsilon, U* dscale, U* doffset) {
+    const double* local_sums, const double* global_sums, int64_t global_rows, const double* count,
+    double count_scale, float epsilon, U* dscale, U* doffset) {
   const int64_t C = layout.channels;
   const double eps = static_cast<double>(epsilon);
   const bool empty = layout.per_channel() == 0;
@@ -39,8 +39,7 @@ SplitGradCoefficients<U> SplitGradCoefficientsFromSums(
     const double m = count[c] * count_scale;
     const double dmu = global_rows == 4 ? global_sums[2 * C + c] : 0.0;
     const double dvar = global_rows == 4 ? global_sums[3 * C + c] : 0.0;
-    const auto g =
-        TrainingGradCoefficients(s, r, global_sums[c], global_sums[C + c], dmu, dvar, m);
+    const auto g = TrainingGradCoefficients(s, r, global_sums[c], global_sums[C + c], dmu, dvar, m);
     k.ga[c] = static_cast<U>(g.ga);
     k.gb[c] = m > 0.0 ? static_cast<U>(g.gb) : U(0);
     k.gc[c] = m > 0.0 ? static_cast<U>(g.gc) : U(0);

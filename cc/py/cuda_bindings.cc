@@ -66,9 +66,7 @@ struct DeviceArray {
   }
 };
 
-[[noreturn]] void Fail(const std::string& what) {
-  throw std::invalid_argument("tfbn: " + what);
-}
+[[noreturn]] void Fail(const std::string& what) { throw std::invalid_argument("tfbn: " + what); }
 
 bool CompactStrides(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
                     int64_t unit) {
@@ -141,13 +139,19 @@ bool FromDLPack(const py::handle& obj, const char* name, int64_t stream, DeviceA
   out->data = static_cast<char*>(t.data) + t.byte_offset;
   out->shape.assign(t.shape, t.shape + t.ndim);
   out->itemsize = t.dtype.bits / 8;
-  if (t.dtype.lanes != 1) out->dtype = "vector";
-  else if (t.dtype.code == 2 && t.dtype.bits == 16) out->dtype = "float16";
-  else if (t.dtype.code == 4 && t.dtype.bits == 16) out->dtype = "bfloat16";
-  else if (t.dtype.code == 2 && t.dtype.bits == 32) out->dtype = "float32";
-  else if (t.dtype.code == 2 && t.dtype.bits == 64) out->dtype = "float64";
-  else out->dtype = "dlpack code " + std::to_string(t.dtype.code) + " bits " +
-                    std::to_string(t.dtype.bits);
+  if (t.dtype.lanes != 1)
+    out->dtype = "vector";
+  else if (t.dtype.code == 2 && t.dtype.bits == 16)
+    out->dtype = "float16";
+  else if (t.dtype.code == 4 && t.dtype.bits == 16)
+    out->dtype = "bfloat16";
+  else if (t.dtype.code == 2 && t.dtype.bits == 32)
+    out->dtype = "float32";
+  else if (t.dtype.code == 2 && t.dtype.bits == 64)
+    out->dtype = "float64";
+  else
+    out->dtype =
+        "dlpack code " + std::to_string(t.dtype.code) + " bits " + std::to_string(t.dtype.bits);
   if (t.strides != nullptr &&
       !CompactStrides(out->shape, std::vector<int64_t>(t.strides, t.strides + t.ndim), 1))
     Fail(std::string(name) + " must be C-contiguous");
@@ -190,8 +194,7 @@ cuda::DType DTypeOf(const DeviceArray& a, const char* name) {
 Layout ViewAs(const std::vector<int64_t>& shape, int axis) {
   const int rank = static_cast<int>(shape.size());
   if (rank < 2)
-    Fail("x must have rank >= 2 (batch and channel dimensions), got rank " +
-         std::to_string(rank));
+    Fail("x must have rank >= 2 (batch and channel dimensions), got rank " + std::to_string(rank));
   if (axis < -rank || axis >= rank)
     Fail("axis = " + std::to_string(axis) + " is out of range for x of rank " +
          std::to_string(rank));
@@ -230,8 +233,8 @@ void* ChannelVector(const py::handle& obj, const char* name, cuda::DType dtype, 
   DeviceArray a = ToDeviceArray(obj, name, stream);
   const std::string want = dtype == cuda::DType::kDouble ? "float64" : "float32";
   if (a.dtype != want || a.shape.size() != 1 || a.shape[0] != C)
-    Fail(std::string(name) + " must be a " + want + " vector of length C = " +
-         std::to_string(C) + ", got " + a.dtype + " " + ShapeString(a.shape));
+    Fail(std::string(name) + " must be a " + want + " vector of length C = " + std::to_string(C) +
+         ", got " + a.dtype + " " + ShapeString(a.shape));
   keep->push_back(std::move(a));
   return keep->back().data;
 }
@@ -309,8 +312,8 @@ void CheckEpsilon(float epsilon) {
 void Forward(const py::object& x_obj, const py::object& scale, const py::object& offset,
              const py::object& mean, const py::object& variance, const py::object& y_obj,
              const py::object& batch_mean, const py::object& batch_variance,
-             const py::object& mean_lo, int axis, float epsilon, bool training,
-             int64_t stream, const py::object& workspace) {
+             const py::object& mean_lo, int axis, float epsilon, bool training, int64_t stream,
+             const py::object& workspace) {
   CheckEpsilon(epsilon);
   std::vector<DeviceArray> keep;
   keep.reserve(9);
@@ -333,9 +336,9 @@ void Forward(const py::object& x_obj, const py::object& scale, const py::object&
   cudaError_t error;
   {
     py::gil_scoped_release release;
-    error = cuda::BatchNormForward(dtype, layout, x.data, s, o, mu, var,
-                                   ForwardArgs{epsilon, training}, y, bm, bv, lo, ws.get(),
-                                   ws.bytes(), st);
+    error =
+        cuda::BatchNormForward(dtype, layout, x.data, s, o, mu, var, ForwardArgs{epsilon, training},
+                               y, bm, bv, lo, ws.get(), ws.bytes(), st);
   }
   Check(error, "batch_norm_forward launch");
 }
@@ -343,9 +346,8 @@ void Forward(const py::object& x_obj, const py::object& scale, const py::object&
 void Backward(const py::object& dy_obj, const py::object& x_obj, const py::object& scale,
               const py::object& mean, const py::object& variance, const py::object& mean_lo,
               const py::object& d_batch_mean, const py::object& d_batch_variance,
-              const py::object& dx_obj, const py::object& dscale_obj,
-              const py::object& doffset_obj, int axis, float epsilon, bool training,
-              int64_t stream, const py::object& workspace) {
+              const py::object& dx_obj, const py::object& dscale_obj, const py::object& doffset_obj,
+              int axis, float epsilon, bool training, int64_t stream, const py::object& workspace) {
   CheckEpsilon(epsilon);
   std::vector<DeviceArray> keep;
   keep.reserve(11);
@@ -392,15 +394,15 @@ size_t WorkspaceBytes(const std::vector<int64_t>& shape, const std::string& dtyp
 
 void RegisterCudaBindings(py::module_& m) {
   m.attr("cuda_built") = true;
-  m.def("cuda_available", [] { return cuda::DeviceCount() > 0; },
-        "Whether a CUDA device and a driver new enough for this build's runtime are present.");
+  m.def(
+      "cuda_available", [] { return cuda::DeviceCount() > 0; },
+      "Whether a CUDA device and a driver new enough for this build's runtime are present.");
   m.def("cuda_device_count", &cuda::DeviceCount);
   m.def("cuda_runtime_version", &cuda::RuntimeVersion,
         "Version of the CUDA runtime linked into tfbn (static), e.g. 13000.");
   m.def("cuda_driver_version", &cuda::DriverVersion, "CUDA driver version, 0 without one.");
-  m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"),
-        py::kw_only(), py::arg("axis") = -1, py::arg("training") = true,
-        py::arg("backward") = false,
+  m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"), py::kw_only(),
+        py::arg("axis") = -1, py::arg("training") = true, py::arg("backward") = false,
         "Device workspace bytes cuda_batch_norm_forward/backward need for this shape.");
   m.def("cuda_batch_norm_forward", &Forward, py::arg("x"), py::arg("scale") = py::none(),
         py::arg("offset") = py::none(), py::arg("mean") = py::none(),
@@ -414,9 +416,9 @@ void RegisterCudaBindings(py::module_& m) {
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
-        py::kw_only(), py::arg("dx"), py::arg("dscale"), py::arg("doffset"),
-        py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("training") = true,
-        py::arg("stream") = 0, py::arg("workspace") = py::none(),
+        py::kw_only(), py::arg("dx"), py::arg("dscale"), py::arg("doffset"), py::arg("axis") = -1,
+        py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("stream") = 0,
+        py::arg("workspace") = py::none(),
         "Gradient of cuda_batch_norm_forward; writes dx, dscale, doffset (given by the "
         "caller). Enqueued on `stream`, returns without waiting.");
 }

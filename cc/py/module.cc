@@ -110,8 +110,7 @@ Activation ParseActivation(const py::object& activation) {
   if (activation.is_none()) return Activation::kIdentity;
   Activation parsed;
   if (py::isinstance<py::str>(activation) &&
-      LookupActivation(py::cast<std::string>(activation).c_str(), /*allow_aliases=*/true,
-                       &parsed))
+      LookupActivation(py::cast<std::string>(activation).c_str(), /*allow_aliases=*/true, &parsed))
     return parsed;
   std::string names = "None";
   for (const char* name : kActivationNames) names += std::string(", '") + name + "'";
@@ -141,8 +140,8 @@ std::optional<py::array> ResidualOf(const py::object& residual, const py::array&
 template <typename T, typename U>
 py::tuple Forward(py::array x, const py::object& scale, const py::object& offset,
                   const py::object& mean, const py::object& variance,
-                  const std::optional<py::array>& residual,
-                  Activation activation, int axis, float epsilon, bool training, int threads) {
+                  const std::optional<py::array>& residual, Activation activation, int axis,
+                  float epsilon, bool training, int threads) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
@@ -170,8 +169,7 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
                    const py::object& variance, const py::object& mean_lo,
                    const py::object& d_batch_mean, const py::object& d_batch_variance,
                    const py::object& offset, const std::optional<py::array>& residual,
-                   Activation activation,
-                   int axis, float epsilon, bool training, int threads) {
+                   Activation activation, int axis, float epsilon, bool training, int threads) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
@@ -204,8 +202,8 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
 }
 
 py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& offset,
-                     const py::object& mean, const py::object& variance, int axis,
-                     float epsilon, bool training, int threads, const py::object& residual,
+                     const py::object& mean, const py::object& variance, int axis, float epsilon,
+                     bool training, int threads, const py::object& residual,
                      const py::object& activation) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
@@ -213,8 +211,8 @@ py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& off
   const auto res = ResidualOf(residual, x);
   switch (KindOf(x, "x")) {
     case Kind::kHalf:
-      return Forward<Eigen::half, float>(x, scale, offset, mean, variance, res, act, axis,
-                                         epsilon, training, threads);
+      return Forward<Eigen::half, float>(x, scale, offset, mean, variance, res, act, axis, epsilon,
+                                         training, threads);
     case Kind::kBFloat16:
       return Forward<Eigen::bfloat16, float>(x, scale, offset, mean, variance, res, act, axis,
                                              epsilon, training, threads);
@@ -228,11 +226,10 @@ py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& off
                                  training, threads);
 }
 
-py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
-                      const py::object& mean, const py::object& variance,
-                      const py::object& mean_lo, const py::object& d_batch_mean,
-                      const py::object& d_batch_variance, int axis, float epsilon,
-                      bool training, int threads, const py::object& offset,
+py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale, const py::object& mean,
+                      const py::object& variance, const py::object& mean_lo,
+                      const py::object& d_batch_mean, const py::object& d_batch_variance, int axis,
+                      float epsilon, bool training, int threads, const py::object& offset,
                       const py::object& residual, const py::object& activation) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
@@ -249,9 +246,9 @@ py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale,
                                           d_batch_variance, offset, res, act, axis, epsilon,
                                           training, threads);
     case Kind::kBFloat16:
-      return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, mean_lo,
-                                              d_batch_mean, d_batch_variance, offset, res, act,
-                                              axis, epsilon, training, threads);
+      return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
+                                              d_batch_variance, offset, res, act, axis, epsilon,
+                                              training, threads);
     case Kind::kFloat:
       return Backward<float, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                     d_batch_variance, offset, res, act, axis, epsilon, training,
@@ -302,9 +299,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
-        py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f,
-        py::arg("training") = true, py::arg("threads") = 0, py::arg("offset") = py::none(),
-        py::arg("residual") = py::none(), py::arg("activation") = py::none(),
+        py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("training") = true,
+        py::arg("threads") = 0, py::arg("offset") = py::none(), py::arg("residual") = py::none(),
+        py::arg("activation") = py::none(),
         "Returns (dx, dscale, doffset), and dresidual last where residual is given. The "
         "epilogue's gradient recomputes its input from x, the statistics, scale, offset and "
         "residual.");

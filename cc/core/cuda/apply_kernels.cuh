@@ -28,8 +28,7 @@ struct GradApply {  // dx = ga * dy + gb * ((x - hi) - lo) + gc
   using U = ParamT<T>;
   static constexpr int kInputs = 2, kFirst = 0, kCount = 5;
   static __device__ __forceinline__ T Apply(T dy, T x, const U* k) {
-    return Num<T>::FromU(k[2] * Num<T>::ToU(dy) + k[3] * ((Num<T>::ToU(x) - k[0]) - k[1]) +
-                         k[4]);
+    return Num<T>::FromU(k[2] * Num<T>::ToU(dy) + k[3] * ((Num<T>::ToU(x) - k[0]) - k[1]) + k[4]);
   }
 };
 
@@ -49,8 +48,8 @@ struct GradApplyDyOnly {  // dx = ga * dy (inference)
 // ones it read last are still in L2 when this pass starts.
 template <class Op>
 __global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
-    ApplyRowsKernel(const typename Op::T* a, const typename Op::T* b,
-                    const typename Op::U* coef, typename Op::T* out, int64_t rows, int64_t C) {
+    ApplyRowsKernel(const typename Op::T* a, const typename Op::T* b, const typename Op::U* coef,
+                    typename Op::T* out, int64_t rows, int64_t C) {
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int V = kVec<T>, kU = kUnroll<Op>;
@@ -97,9 +96,9 @@ __global__ void __launch_bounds__(kThreads, kApplyRowsMinBlocks)
 // so the loop needs no division.
 template <class Op, int V, bool kMixed>
 __global__ void __launch_bounds__(kThreads, kMixed ? kApplyMixedMinBlocks : kApplyMinBlocks)
-    ApplyFlatKernel(const typename Op::T* a, const typename Op::T* b,
-                    const typename Op::U* coef, typename Op::T* out, int64_t size, int64_t C,
-                    int64_t inner, int64_t step_i, int64_t step_c) {
+    ApplyFlatKernel(const typename Op::T* a, const typename Op::T* b, const typename Op::U* coef,
+                    typename Op::T* out, int64_t size, int64_t C, int64_t inner, int64_t step_i,
+                    int64_t step_c) {
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int kU = kUnroll<Op>;

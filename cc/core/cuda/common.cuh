@@ -57,9 +57,7 @@ template <>
 struct Num<__nv_bfloat16> {
   using U = float;
   static __device__ __forceinline__ float ToU(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 FromU(float v) {
-    return __float2bfloat16_rn(v);
-  }
+  static __device__ __forceinline__ __nv_bfloat16 FromU(float v) { return __float2bfloat16_rn(v); }
 };
 template <>
 struct Num<float> {

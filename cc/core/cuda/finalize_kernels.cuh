@@ -60,10 +60,9 @@ __device__ __forceinline__ Sums MergePartials(const double* partial, int64_t C, 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
     ForwardFinalizeKernel(const T* x, int64_t inner, int64_t C, int64_t nb, int64_t m,
-                          const double* partial, const ParamT<T>* scale,
-                          const ParamT<T>* offset, const ParamT<T>* mean,
-                          const ParamT<T>* variance, float epsilon, bool training,
-                          ParamT<T>* batch_mean, ParamT<T>* batch_variance,
+                          const double* partial, const ParamT<T>* scale, const ParamT<T>* offset,
+                          const ParamT<T>* mean, const ParamT<T>* variance, float epsilon,
+                          bool training, ParamT<T>* batch_mean, ParamT<T>* batch_variance,
                           ParamT<T>* mean_lo, ParamT<T>* coef) {
   using U = ParamT<T>;
   const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
@@ -107,8 +106,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // dx = ga * dy + gb * ((x - hi) - lo) + gc (training) or dx = ga * dy (inference).
 template <typename U>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    BackwardFinalizeKernel(int64_t C, int64_t nb, int64_t m, const double* partial,
-                           const U* scale, const U* mean, const U* mean_lo, const U* variance,
+    BackwardFinalizeKernel(int64_t C, int64_t nb, int64_t m, const double* partial, const U* scale,
+                           const U* mean, const U* mean_lo, const U* variance,
                            const U* d_batch_mean, const U* d_batch_variance, float epsilon,
                            bool training, U* dscale, U* doffset, U* coef) {
   const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;

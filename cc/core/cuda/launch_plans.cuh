@@ -52,8 +52,7 @@ ReducePlan MakeReducePlan(const Layout& layout, int vec, bool reduce) {
     p.nb = std::clamp<int64_t>(want, 1, std::min(m, kMaxBlocks));
   } else {
     const int64_t groups = CeilDiv(m, vec);
-    const int64_t want =
-        std::min(CeilDiv(kTargetPlanesBlocks, C), CeilDiv(m, kMinBlockElements));
+    const int64_t want = std::min(CeilDiv(kTargetPlanesBlocks, C), CeilDiv(m, kMinBlockElements));
     p.nb = std::clamp<int64_t>(want, 1, std::min(groups, kMaxBlocks));
     // Little data per channel: kThreads / kSmallTPC channels share a block.
     if (CeilDiv(groups, p.nb) < int64_t{kThreads} * kMinGroupsPerThread) p.tpc = kSmallTPC;
@@ -127,11 +126,11 @@ void LaunchReduce(const Op& op, const Layout& layout, const ReducePlan& plan, in
   const dim3 block(plan.tx, plan.ty);
   const size_t smem = 2 * size_t{kThreads} * kVec<T> * sizeof(double);
   if (width == kVec<T>)
-    ReduceRowsKernel<Op, true><<<grid, block, smem, stream>>>(
-        op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+    ReduceRowsKernel<Op, true><<<grid, block, smem, stream>>>(op, layout.outer, layout.channels,
+                                                              plan.tiles, plan.nb, partial);
   else
-    ReduceRowsKernel<Op, false><<<grid, block, smem, stream>>>(
-        op, layout.outer, layout.channels, plan.tiles, plan.nb, partial);
+    ReduceRowsKernel<Op, false><<<grid, block, smem, stream>>>(op, layout.outer, layout.channels,
+                                                               plan.tiles, plan.nb, partial);
 }
 
 // Blocks of Kernel (kThreads threads, no dynamic shared memory) that the current device
@@ -151,8 +150,7 @@ int64_t ResidentBlocks() {
   if (n > 0) return n;
   int sms = 0, per_sm = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0) !=
-          cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
@@ -167,9 +165,8 @@ int64_t GridOf(int64_t needed, int64_t resident) {
 }
 
 template <class Op, int V, bool kMixed>
-void LaunchApplyFlat(const typename Op::T* a, const typename Op::T* b,
-                     const typename Op::U* coef, typename Op::T* out, const Layout& layout,
-                     cudaStream_t stream) {
+void LaunchApplyFlat(const typename Op::T* a, const typename Op::T* b, const typename Op::U* coef,
+                     typename Op::T* out, const Layout& layout, cudaStream_t stream) {
   // The grid: resident blocks only (each thread loops, as for rows) for 16-bit types and
   // for groups that span two planes, one pass of the loop per thread for the other cases
   // (docs/tuning.md).
@@ -204,9 +201,9 @@ void LaunchApply(const typename Op::T* a, const typename Op::T* b, const typenam
         std::min(GridOf(CeilDiv(layout.outer, int64_t{ty} * kUnroll<Op>),
                         resident > 0 ? std::max<int64_t>(1, resident / tiles) : 0),
                  kMaxGridY);
-    ApplyRowsKernel<Op><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks)),
-                          dim3(tx, ty), 0, stream>>>(a, b, coef, out, layout.outer,
-                                                     layout.channels);
+    ApplyRowsKernel<Op>
+        <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks)), dim3(tx, ty), 0,
+           stream>>>(a, b, coef, out, layout.outer, layout.channels);
   } else if (layout.inner > 1 && layout.inner % V == 0 && ptrs) {
     LaunchApplyFlat<Op, V, false>(a, b, coef, out, layout, stream);
   } else if (layout.inner >= V && ptrs) {

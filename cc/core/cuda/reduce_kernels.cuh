@@ -61,8 +61,7 @@ struct GradSumsOp {
 
 // Loads kVec channels c0.. of one row; past C (misaligned path only) gives zero.
 template <typename T, bool kAligned>
-__device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t offset,
-                                                       int64_t left) {
+__device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t offset, int64_t left) {
   constexpr int V = kVec<T>;
   if constexpr (kAligned) {
     return LoadPack<T, V>(p + offset);
@@ -81,8 +80,7 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t off
 // its own slots), which leaves the registers to loads in flight.
 template <class Op, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
-    ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb,
-                     double* partial) {
+    ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb, double* partial) {
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int V = kVec<T>, kU = kReduceUnroll<Op>;
@@ -126,8 +124,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
           if (r + int64_t{u} * TY < r_end) {
 #pragma unroll
             for (int l = 0; l < V; ++l)
-              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center[l],
-                      a1[l], a2[l]);
+              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center[l], a1[l],
+                      a2[l]);
           }
         r += int64_t{kU} * TY;
       }
@@ -164,8 +162,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
 // (valid is a multiple of VL). VL changes only the loads, never the element order.
 template <typename T, int VL>
 __device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o, int64_t i,
-                                                         int64_t inner, int64_t plane_stride,
-                                                         int valid) {
+                                                           int64_t inner, int64_t plane_stride,
+                                                           int valid) {
   constexpr int V = kVec<T>;
   if constexpr (VL == V) {
     return LoadPack<T, V>(p + o * plane_stride + i);
