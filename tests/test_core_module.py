@@ -96,7 +96,8 @@ def test_errors_name_the_argument():
         core.batch_norm_forward(x, training=False)
     with pytest.raises(ValueError, match="epsilon must be positive"):
         core.batch_norm_forward(x, epsilon=0.0)
-    with pytest.raises(ValueError, match="x must be float16, bfloat16, float32 or float64, got int32"):
+    with pytest.raises(ValueError,
+                       match="x must be float16, bfloat16, float32 or float64, got int32"):
         core.batch_norm_forward(np.ones((2, 2), np.int32))
 
 

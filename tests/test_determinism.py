@@ -67,7 +67,8 @@ def test_the_default_is_the_best_supported_instruction_set():
 
 def test_an_unknown_instruction_set_is_not_silent():
     env = dict(os.environ, TFBN_CPU_ISA="avx9000")
-    code = "from tfbn import _core; import json; print(json.dumps(_core.cpu_instruction_set_info()))"
+    code = ("from tfbn import _core; import json; "
+            "print(json.dumps(_core.cpu_instruction_set_info()))")
     out = subprocess.run([sys.executable, "-c", code], check=True, env=env,
                          capture_output=True, text=True, timeout=300)
     info = json.loads(out.stdout.strip().splitlines()[-1])

@@ -54,7 +54,8 @@ def child():
                 digest.update(t.numpy().tobytes())
             ref = reference(tf, x, s, o, wt, dy, ax)
             errors[f"{dtype} {shape} axis={axis}"] = max(
-                float(np.max(np.abs(g.numpy().astype(np.float64) - r)) / max(1.0, np.max(np.abs(r))))
+                float(np.max(np.abs(g.numpy().astype(np.float64) - r))
+                      / max(1.0, np.max(np.abs(r))))
                 for g, r in zip(got, ref))
     print(json.dumps({"digest": digest.hexdigest(), "errors": errors,
                       **_core.cpu_instruction_set_info()}))

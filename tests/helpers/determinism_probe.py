@@ -52,13 +52,13 @@ def digest():
         for dtype in DTYPES:
             residual = tf.cast(tf.constant(rng.normal(size=shape).astype(np.float32)), dtype)
             run(h, rng, shape, axis, dtype,
-                lambda x, s, o: tfbn.batch_norm(x, s, o, axis=axis))
+                lambda x, s, o, axis=axis: tfbn.batch_norm(x, s, o, axis=axis))
             run(h, rng, shape, axis, dtype,
-                lambda x, s, o: tfbn.batch_norm(x, s, o, axis=axis, residual=residual,
-                                                activation="silu"))
+                lambda x, s, o, axis=axis, r=residual: tfbn.batch_norm(
+                    x, s, o, axis=axis, residual=r, activation="silu"))
             run(h, rng, shape, axis, dtype,
-                lambda x, s, o: split.split_batch_norm(x, s, o, axis=axis, epsilon=1e-3,
-                                                       weights=weights))
+                lambda x, s, o, axis=axis, w=weights: split.split_batch_norm(
+                    x, s, o, axis=axis, epsilon=1e-3, weights=w))
     return h.hexdigest()
 
 
