@@ -60,6 +60,52 @@ def _count(model):
             "fused": sum(getattr(l, "activation", None) is not None for l in bns)}
 
 
+CONV_SHAPE = (16, 28, 28, 256)  # a ResNet-50 stage-3 activation at 112x112 input, NHWC
+
+
+def bn_after_conv(reps=100, budget_s=40.0):
+    """One 1x1 Conv2D followed by inference BatchNormalization (+ relu, or + add + relu),
+    as a tf.function: TensorFlow's standard ops (what the layer builds by default), Keras'
+    composite (x * a + b) and tfbn's op, against the convolution with only the relu (and
+    add). Median ms of interleaved calls. Where grappler folds the normalization into the
+    convolution, the standard ops cost what the convolution alone costs."""
+    rng = np.random.default_rng(SEED)
+    c = CONV_SHAPE[-1]
+    x = tf.constant(rng.standard_normal(CONV_SHAPE).astype(np.float32))
+    shortcut = tf.constant(rng.standard_normal(CONV_SHAPE).astype(np.float32))
+    kernel = tf.Variable(0.05 * rng.standard_normal((1, 1, c, c)).astype(np.float32))
+    scale, offset, mean, var = (tf.Variable(rng.uniform(0.5, 1.5, c).astype(np.float32))
+                                for _ in range(4))
+    conv = lambda x: tf.nn.conv2d(x, kernel, 1, "SAME")  # noqa: E731
+
+    def standard(x, r):
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(conv(x), scale, offset, mean, var,
+                                                   epsilon=1e-3, is_training=False)
+        return tf.nn.relu(y if r is None else y + r)
+
+    def composite(x, r):
+        a = tf.math.rsqrt(var + 1e-3) * scale
+        y = conv(x) * a + (offset - mean * a)
+        return tf.nn.relu(y if r is None else y + r)
+
+    def tfbn_op(x, r):
+        return tfbn.batch_norm(conv(x), scale, offset, mean, var, training=False,
+                               residual=r, activation="relu")[0]
+
+    def conv_only(x, r):
+        return tf.nn.relu(conv(x) if r is None else conv(x) + r)
+
+    calls = {}
+    for tail, r in (("relu", None), ("add+relu", shortcut)):
+        for name, f in (("conv only", conv_only), ("standard ops", standard),
+                        ("keras composite", composite), ("tfbn op", tfbn_op)):
+            fn = tf.function(lambda x, f=f, r=r: f(x, r))
+            calls[f"{tail}: {name}"] = lambda fn=fn: fn(x).numpy()
+    samples, _ = round_robin(calls, reps, min_reps=10, budget_s=budget_s, warmup=2)
+    return {"shape": list(CONV_SHAPE), "median_ms": {n: median_ms(v) for n, v in samples.items()},
+            "reps": len(next(iter(samples.values())))}
+
+
 def run(quick=False, reps=None, budget_s=None):
     reps = reps or (3 if quick else 15)
     budget_s = budget_s or (8.0 if quick else 150.0)
@@ -88,6 +134,8 @@ def run(quick=False, reps=None, budget_s=None):
         result[mode] = {n: {"median_ms": ms[n], "images_per_s": 1e3 * BATCH / ms[n],
                             "rounds": len(samples[n])} for n in ms}
         result[mode + "_speedup_vs_keras"] = {n: ms["keras"] / ms[n] for n in ms if n != "keras"}
+    if not quick:
+        result["bn_after_conv"] = bn_after_conv()
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -107,6 +155,11 @@ def table(res):
                  "BatchNormalization layers carry the epilogue; inference vs keras, max "
                  "relative difference: " + ", ".join(
                      f"{n} {d:.1e}" for n, d in res["max_rel_diff_inference_vs_keras"].items()))
+    if "bn_after_conv" in res:
+        b = res["bn_after_conv"]
+        lines.append(f"  inference BN after a 1x1 Conv2D, {tuple(b['shape'])}, median ms of "
+                     f"{b['reps']}: " + ", ".join(f"{n} {ms:.1f}" for n, ms in
+                                                b["median_ms"].items()))
     return "\n".join(lines)
 
 
