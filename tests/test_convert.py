@@ -173,6 +173,17 @@ def test_sequential_round_trip(rng):
             assert _rel(m(x, training=training), want) < 1e-5
 
 
+def test_sequential_keeps_its_input_dtype(rng):
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), L.Embedding(10, 3),
+                              L.BatchNormalization(), L.Activation("relu6")])
+    _randomize_statistics(model)
+    converted = tfbn.convert(model)
+    assert converted.inputs[0].dtype == "int32"
+    assert [type(l).__name__ for l in converted.layers] == ["Embedding", "BatchNormalization"]
+    x = rng.integers(0, 10, (5, 4)).astype(np.int32)
+    assert _rel(converted(x, training=False), model(x, training=False)) < 1e-6
+
+
 def test_nested_model_and_shared_layers(rng):
     keras.utils.set_random_seed(2)
     inner_in = keras.Input((6, 6, 4))

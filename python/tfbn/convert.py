@@ -162,6 +162,7 @@ class _Converter:
 
     def _sequential(self, model):
         old = list(model.layers)
+        names = {layer.name for layer in old}
         new_layers, i = [], 0
         while i < len(old):
             layer = old[i]
@@ -171,22 +172,24 @@ class _Converter:
                 if self.fuse and nxt is not None and self._fusable_activation(layer, nxt):
                     activation = _epilogue_activation(nxt)
                     i += 1
-                new_layers += self._split(self.batch_norm(layer, activation), layer)
+                new_layers += self._split(self.batch_norm(layer, activation), layer, names)
             else:
                 new_layers.append(self.layer(layer))
             i += 1
         first = model._layers[0] if model._layers else None
         if isinstance(first, keras.layers.InputLayer):
-            new_layers.insert(0, keras.Input(batch_shape=first.batch_shape,
-                                             dtype=first.dtype, name=first.name))
+            spec = first.output  # the input's KerasTensor: its dtype, not the layer policy's
+            new_layers.insert(0, keras.Input(batch_shape=spec.shape, dtype=spec.dtype,
+                                             name=first.name))
         return keras.Sequential(new_layers, name=model.name, trainable=model.trainable)
 
-    def _split(self, new_bn, old_bn):
+    def _split(self, new_bn, old_bn, names):
         """Sequential to='keras': the activation of a tfbn layer as a layer of its own."""
         activation = getattr(old_bn, "activation", None)
         if self.to != "keras" or activation is None:
             return [new_bn]
-        return [new_bn, keras.layers.Activation(activation, name=f"{old_bn.name}_{activation}")]
+        name = _unique(f"{old_bn.name}_{activation}", names)
+        return [new_bn, keras.layers.Activation(activation, name=name)]
 
     def _converts(self, layer):
         if self.to == "tfbn":
