@@ -7,6 +7,8 @@ benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].j
 speedup[-quick].png;
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
+Part "resnet" (e2e_resnet.py, ResNet-50 with Keras BN vs tfbn.convert) writes
+e2e_resnet[-quick].json.
 """
 
 import argparse
@@ -21,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "e2e", "renorm_mask", "epilogue", "distributed")
+PARTS = ("op", "overhead", "e2e", "resnet", "renorm_mask", "epilogue", "distributed")
 
 
 def _args():
@@ -110,6 +112,13 @@ def main():
         res = e2e_digits.run(quick=args.quick)
         print(report.e2e_table(res))
         report.write_json(out("e2e_digits") + ".json", meta, res)
+    if "resnet" in args.only:
+        import e2e_resnet
+
+        print("\nend-to-end ResNet-50 (Keras BN vs tfbn.convert) ...", flush=True)
+        res = e2e_resnet.run(quick=args.quick, reps=args.reps)
+        print(e2e_resnet.table(res))
+        report.write_json(out("e2e_resnet") + ".json", meta, res)
     if "renorm_mask" in args.only:
         import renorm_mask
 

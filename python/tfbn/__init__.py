@@ -7,7 +7,8 @@ the Keras layer for serialization.
 from ._library import build_info
 from .ops import batch_norm
 from .layers import BatchNormalization
+from .convert import convert
 from . import distributed
 
 __version__ = "0.1.0"
-__all__ = ["batch_norm", "BatchNormalization", "build_info", "__version__"]
+__all__ = ["batch_norm", "BatchNormalization", "convert", "build_info", "__version__"]

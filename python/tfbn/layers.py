@@ -3,11 +3,15 @@
 import keras
 import tensorflow as tf
 
-from . import distributed, split
+from . import distributed, portable, split
 from ._library import XLA_LOADED as _XLA
 from .ops import _check_epsilon, apply_activation, batch_norm, canonical_activation, param_dtype
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+# What inference (training=False) runs on: TensorFlow's standard ops, which any TensorFlow
+# process, TF Serving and TFLite run and grappler folds into a preceding convolution, or
+# tfbn's op (faster in some places, but an exported graph then needs tfbn's library).
+INFERENCE_OPS = ("tensorflow", "tfbn")
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
@@ -40,10 +44,24 @@ class BatchNormalization(keras.layers.BatchNormalization):
     op (a ResNet block's tail); the residual is cast to the layer's compute dtype. Where
     the split kernels (renorm, masks) or Keras' own math run, the add and the activation
     follow them as TensorFlow ops.
+
+    Inference (`training` False or None) runs, by default (`inference_op='tensorflow'`),
+    as TensorFlow's standard ops (FusedBatchNormV3 for 4-D channels-last data, then the
+    epilogue's add and activation): a SavedModel or TFLite model exported from it carries
+    no tfbn op, and grappler folds the normalization into a preceding Conv2D.
+    `inference_op='tfbn'` runs inference on tfbn's op instead (exports then need tfbn's
+    library). Training, and a layer with `trainable=False` called with `training=True`,
+    run on tfbn's kernels.
     """
 
-    def __init__(self, *args, activation=None, **kwargs):
+    def __init__(self, *args, activation=None, inference_op="tensorflow", **kwargs):
         super().__init__(*args, **kwargs)
+        if inference_op not in INFERENCE_OPS:
+            raise ValueError(
+                "tfbn.BatchNormalization: inference_op must be 'tensorflow' or 'tfbn', got "
+                f"inference_op={inference_op!r}"
+            )
+        self.inference_op = inference_op
         # Refuses unknown names; None, "linear" and "identity" are all stored as None.
         if canonical_activation(activation, "tfbn.BatchNormalization") == "identity":
             activation = None
@@ -66,6 +84,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         config = super().get_config()
         if self.activation is not None:
             config["activation"] = self.activation
+        if self.inference_op != "tensorflow":
+            config["inference_op"] = self.inference_op
         return config
 
     def call(self, inputs, training=None, mask=None, residual=None):
@@ -107,6 +127,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
             new_variance = moving_variance * self.momentum + variance * (1.0 - self.momentum)
             self._assign_where(ok, self.moving_mean, new_mean, moving_mean)
             self._assign_where(ok, self.moving_variance, new_variance, moving_variance)
+        elif not training and self.inference_op == "tensorflow":
+            outputs = portable.batch_norm_inference(
+                inputs, gamma, beta, moving_mean, moving_variance, axis=self.axis,
+                epsilon=_check_epsilon(self.epsilon), residual=residual,
+                activation=activation,
+            )
         else:
             outputs, _, _ = batch_norm(
                 inputs,
