@@ -177,11 +177,11 @@ def batch_norm(
                 f"(shape {x.shape})"
             )
         if training and synchronized:
-            from . import distributed
+            from . import distributed, split
 
             ctx = distributed.replica_context()
             if ctx is not None:
-                y, batch_mean, batch_variance = distributed.sync_batch_norm(
+                y, batch_mean, batch_variance = split.split_batch_norm(
                     x, scale, offset, axis=axis, epsilon=eps, ctx=ctx
                 )
                 if residual is not None:
@@ -221,7 +221,7 @@ def _present(v):
 
 
 @tf.RegisterGradient("TfbnBatchNorm")
-def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
+def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_mean_lo):
     x, scale, offset, mean, variance, residual = op.inputs
     attrs = _attrs(op)
     keep_dresidual = attrs["has_residual"]
@@ -232,16 +232,17 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     empty = _empty(scale.dtype)
     if attrs["is_training"]:
         # The op's statistics outputs depend on x: their gradients are folded into dx.
+        _, batch_mean, batch_variance, mean_lo = op.outputs
         dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
-            dy, x, scale, op.outputs[1], op.outputs[2], op.outputs[3],
+            dy, x, scale, offset, batch_mean, batch_variance, mean_lo, residual,
             empty if d_batch_mean is None else d_batch_mean,
             empty if d_batch_variance is None else d_batch_variance,
-            offset, residual, **attrs,
+            **attrs,
         )
         return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
                 None, None, dresidual if keep_dresidual else None)
     dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
-        dy, x, scale, mean, variance, empty, empty, empty, offset, residual, **attrs
+        dy, x, scale, offset, mean, variance, empty, residual, empty, empty, **attrs
     )
     # y = (x - mean) * r * scale + offset with r = rsqrt(variance + eps); the statistics
     # outputs are the inputs passed through.
@@ -326,7 +327,7 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
 
 @tf.RegisterGradient("TfbnBatchNormGrad")
 def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset, ddresidual):
-    dy, x, scale, mean, variance, _reserve, d_mean, d_var, offset, residual = op.inputs
+    dy, x, scale, offset, mean, variance, _mean_lo, residual, d_mean, d_var = op.inputs
     attrs = _attrs(op)
     training = attrs["is_training"]
     activation = attrs["activation"]
@@ -370,4 +371,4 @@ def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset, ddresidual):
         g_dmean = g_dvar = None
     g_offset = next(grads) if offset is not None else None
     g_residual = next(grads) if residual is not None else None
-    return (g_dy, g_x, g_scale, g_mean, g_var, None, g_dmean, g_dvar, g_offset, g_residual)
+    return (g_dy, g_x, g_scale, g_offset, g_mean, g_var, None, g_residual, g_dmean, g_dvar)
