@@ -44,17 +44,9 @@ using MismatchedForward = MismatchedDtypesOp<BatchNormIo>;
 template <typename T, typename U>
 using MismatchedGrad = MismatchedDtypesOp<BatchNormGradIo>;
 
-#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                  \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNorm")                 \
-                              .Device(tensorflow::DEVICE_CPU)   \
-                              .TypeConstraint<T>("T")           \
-                              .TypeConstraint<U>("U"),          \
-                          FORWARD<T, U>);                       \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGrad")             \
-                              .Device(tensorflow::DEVICE_CPU)   \
-                              .TypeConstraint<T>("T")           \
-                              .TypeConstraint<U>("U"),          \
-                          GRAD<T, U>);
+#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                              \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_CPU, T, U, FORWARD<T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_CPU, T, U, GRAD<T, U>);
 #define TFBN_REGISTER_PAIR(T, U) TFBN_REGISTER_CPU(T, U, CpuForward, CpuGrad)
 #define TFBN_REGISTER_MISMATCH(T, U) TFBN_REGISTER_CPU(T, U, MismatchedForward, MismatchedGrad)
 

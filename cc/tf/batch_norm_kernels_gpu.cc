@@ -23,10 +23,6 @@
 namespace tfbn {
 namespace {
 
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
-
 template <typename T>
 constexpr cuda::DType kDType = cuda::DType::kFloat;
 template <>
@@ -37,13 +33,14 @@ template <>
 constexpr cuda::DType kDType<double> = cuda::DType::kDouble;
 
 // The CUDA stream TensorFlow runs this op on (its compute stream for the device).
-cudaStream_t OpStream(OpKernelContext* ctx) {
+cudaStream_t OpStream(tensorflow::OpKernelContext* ctx) {
   return ctx->eigen_device<Eigen::GpuDevice>().stream();
 }
 
-absl::Status AllocateWorkspace(OpKernelContext* ctx, size_t bytes, Tensor* workspace) {
-  return ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({static_cast<int64_t>(bytes)}),
-                            workspace);
+absl::Status AllocateWorkspace(tensorflow::OpKernelContext* ctx, size_t bytes,
+                               tensorflow::Tensor* workspace) {
+  const tensorflow::TensorShape shape({static_cast<int64_t>(bytes)});
+  return ctx->allocate_temp(tensorflow::DT_INT8, shape, workspace);
 }
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
@@ -67,11 +64,11 @@ struct GpuLauncher {
   static constexpr bool kDxMayTakeX = false;
 
   template <typename T, typename U>
-  static absl::Status Forward(OpKernelContext* ctx, const Layout& layout,
+  static absl::Status Forward(tensorflow::OpKernelContext* ctx, const Layout& layout,
                               const ForwardData<T, U>& d, const ForwardArgs& args) {
     TF_RETURN_IF_ERROR(CheckNoEpilogue(args, d.residual != nullptr));
     const size_t bytes = cuda::ForwardWorkspaceBytes(kDType<T>, layout, args.training);
-    Tensor workspace;
+    tensorflow::Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
     return LaunchStatus(
         cuda::BatchNormForward(kDType<T>, layout, d.x, d.scale, d.offset, d.mean, d.variance,
@@ -81,11 +78,11 @@ struct GpuLauncher {
   }
 
   template <typename T, typename U>
-  static absl::Status Backward(OpKernelContext* ctx, const Layout& layout,
+  static absl::Status Backward(tensorflow::OpKernelContext* ctx, const Layout& layout,
                                const BackwardData<T, U>& d, const ForwardArgs& args) {
     TF_RETURN_IF_ERROR(CheckNoEpilogue(args, d.residual != nullptr));
     const size_t bytes = cuda::BackwardWorkspaceBytes(kDType<T>, layout);
-    Tensor workspace;
+    tensorflow::Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
     return LaunchStatus(
         cuda::BatchNormBackward(kDType<T>, layout, d.dy, d.x, d.scale, d.mean, d.mean_lo,

@@ -22,7 +22,8 @@ inline absl::Status ParseActivation(const std::string& name, Activation* activat
   if (LookupActivation(name.c_str(), /*allow_aliases=*/false, activation))
     return absl::OkStatus();
   std::string names;
-  for (const char* known : kActivationNames) absl::StrAppend(&names, names.empty() ? "" : ", ", known);
+  for (const char* known : kActivationNames)
+    absl::StrAppend(&names, names.empty() ? "" : ", ", known);
   return absl::InvalidArgumentError(
       absl::StrCat("tfbn: activation must be one of ", names, ", got activation = ", name));
 }
@@ -82,5 +83,22 @@ absl::Status CheckSignature(tensorflow::OpKernelConstruction* ctx) {
                                           " expects other inputs or outputs than the op "
                                           "lists: op_signatures.h and the op disagree"));
 }
+
+// A kernel base, Base = tensorflow::OpKernel or XlaOpKernel, for op Io: checks the op's
+// signature and reads its attributes when it is built.
+template <typename Base, typename Io>
+class WithOpAttrs : public Base {
+ public:
+  using In = Io;
+  using Input = typename Io::Input;
+
+  explicit WithOpAttrs(tensorflow::OpKernelConstruction* ctx) : Base(ctx) {
+    OP_REQUIRES_OK(ctx, CheckSignature<Io>(ctx));
+    OP_REQUIRES_OK(ctx, ReadOpAttrs(ctx, &attrs_));
+  }
+
+ protected:
+  OpAttrs attrs_;
+};
 
 }  // namespace tfbn

@@ -29,15 +29,10 @@ const U* DataOrNull(const tensorflow::Tensor& t) {
 
 // Io names the op's inputs and outputs (op_signatures.h).
 template <typename Io>
-class TfbnOpKernel : public tensorflow::OpKernel {
+class TfbnOpKernel : public WithOpAttrs<tensorflow::OpKernel, Io> {
  public:
-  using In = Io;
   using Input = typename Io::Input;
-
-  explicit TfbnOpKernel(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, CheckSignature<Io>(ctx));
-    OP_REQUIRES_OK(ctx, ReadOpAttrs(ctx, &attrs_));
-  }
+  using WithOpAttrs<tensorflow::OpKernel, Io>::WithOpAttrs;
 
  protected:
   static const tensorflow::Tensor& Get(tensorflow::OpKernelContext* ctx, Input index) {
@@ -56,16 +51,17 @@ class TfbnOpKernel : public tensorflow::OpKernel {
   absl::Status Prepare(tensorflow::OpKernelContext* ctx, Layout* layout) const {
     int axis;
     TF_RETURN_IF_ERROR(CheckInputs<Io>(
-        attrs_, [ctx](int index) { return ctx->input(index).shape(); }, &axis));
+        this->attrs_, [ctx](int index) { return ctx->input(index).shape(); }, &axis));
     *layout = MakeLayout(ctx->input(Io::kX).shape(), axis);
     return absl::OkStatus();
   }
 
-  // The weights input, its shape checked by Prepare: nullptr for the empty form (every
-  // element weighs 1), else its data, checked finite and non-negative.
-  absl::Status Weights(tensorflow::OpKernelContext* ctx, Input index,
+  // Prepare for the ops with weights; *weights is nullptr for their empty form (every
+  // element weighs 1), else their data, checked finite and non-negative.
+  absl::Status Prepare(tensorflow::OpKernelContext* ctx, Layout* layout,
                        const float** weights) const {
-    const tensorflow::Tensor& w = ctx->input(index);
+    TF_RETURN_IF_ERROR(Prepare(ctx, layout));
+    const tensorflow::Tensor& w = ctx->input(Io::kWeights);
     *weights = nullptr;
     if (w.dims() == 1 && w.dim_size(0) == 0) return absl::OkStatus();
     const auto v = w.flat<float>();
@@ -77,8 +73,6 @@ class TfbnOpKernel : public tensorflow::OpKernel {
     *weights = v.data();
     return absl::OkStatus();
   }
-
-  OpAttrs attrs_;
 };
 
 // Registered for the (T, U) pairs the kernels do not take, so that an eager call gets the
@@ -91,3 +85,10 @@ class MismatchedDtypesOp : public TfbnOpKernel<Io> {
 };
 
 }  // namespace tfbn
+
+// Registers the kernel class given last (commas allowed) for op OP on DEVICE, for type
+// attributes T and U.
+#define TFBN_REGISTER_KERNEL_TU(OP, DEVICE, T, U, ...)                                   \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name(OP).Device(::tensorflow::DEVICE).TypeConstraint<T>("T").TypeConstraint<U>("U"), \
+      __VA_ARGS__)

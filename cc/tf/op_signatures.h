@@ -1,7 +1,8 @@
 // Every tfbn op's inputs and outputs, by name, in the order REGISTER_OP lists them
 // (ops.cc, split_ops.cc), and the checks of its inputs against x. Kernels, shape functions
 // and XLA lowerings index with these enums, never with bare numbers, and run these checks
-// (input_checks.h, shape_fns.h); every kernel checks when it is built that its op lists
+// (input_checks.h, shape_fns.h); the shape functions also give the outputs' shapes from
+// here. Every kernel checks when it is built that its op lists
 // the same names (CheckSignature in op_attrs.h), so the two cannot drift apart. The names
 // also label the arguments in error messages.
 #pragma once
@@ -41,6 +42,15 @@ struct InputCheck {
   Kind kind;
 };
 
+// The shape of an output, given x (shape functions).
+enum class OutputShape : int {
+  kLikeX,           // x's shape
+  kChannelVector,   // [C]
+  kPartials,        // [kPartialRows, C]
+  kSums,            // [kGradSumRows, C]
+  kLikeXIfResidual  // x's shape where has_residual, else empty [0]
+};
+
 inline InputCheck::Kind VectorUnless(bool may_be_empty) {
   return may_be_empty ? InputCheck::kVectorOrEmpty : InputCheck::kVector;
 }
@@ -52,6 +62,9 @@ struct BatchNormIo {
   static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance",
                                             "residual"};
   static constexpr const char* kOutputs[] = {"y", "batch_mean", "batch_variance", "mean_lo"};
+  static constexpr OutputShape kOutputShapes[] = {
+      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector,
+      OutputShape::kChannelVector};
   static constexpr bool kHasDy = false;
   static std::vector<InputCheck> Checks(const OpAttrs& a) {
     const bool training = a.args.training;
@@ -74,12 +87,16 @@ struct BatchNormGradIo {
       "dy",       "x",       "scale",    "offset",       "mean",
       "variance", "mean_lo", "residual", "d_batch_mean", "d_batch_variance"};
   static constexpr const char* kOutputs[] = {"dx", "dscale", "doffset", "dresidual"};
+  static constexpr OutputShape kOutputShapes[] = {
+      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector,
+      OutputShape::kLikeXIfResidual};
   static constexpr bool kHasDy = true;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kScale, InputCheck::kVectorOrEmpty},      {kOffset, InputCheck::kVectorOrEmpty},
             {kMean, InputCheck::kVector},              {kVariance, InputCheck::kVector},
             {kMeanLo, InputCheck::kVectorOrEmpty},     {kResidual, InputCheck::kResidual},
-            {kDBatchMean, InputCheck::kVectorOrEmpty}, {kDBatchVariance, InputCheck::kVectorOrEmpty}};
+            {kDBatchMean, InputCheck::kVectorOrEmpty},
+            {kDBatchVariance, InputCheck::kVectorOrEmpty}};
   }
 };
 
@@ -92,6 +109,7 @@ struct StatsIo {
   enum Output : int { kPartial };
   static constexpr const char* kInputs[] = {"x", "weights"};
   static constexpr const char* kOutputs[] = {"partial"};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kPartials};
   static constexpr bool kHasDy = false;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kWeights, InputCheck::kWeights}};
@@ -114,6 +132,7 @@ struct ApplyIo {
   static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance",
                                             "mean_lo"};
   static constexpr const char* kOutputs[] = {"y"};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kLikeX};
   static constexpr bool kHasDy = false;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kScale, InputCheck::kVectorOrEmpty}, {kOffset, InputCheck::kVectorOrEmpty},
@@ -128,6 +147,7 @@ struct GradSumsIo {
   enum Output : int { kSums };
   static constexpr const char* kInputs[] = {"dy", "x", "mean", "mean_lo"};
   static constexpr const char* kOutputs[] = {"sums"};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kSums};
   static constexpr bool kHasDy = true;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kMean, InputCheck::kVector}, {kMeanLo, InputCheck::kVectorOrEmpty}};
@@ -144,6 +164,8 @@ struct GradApplyIo {
       "dy",      "x",          "scale",       "mean",  "variance",
       "mean_lo", "local_sums", "global_sums", "count", "weights"};
   static constexpr const char* kOutputs[] = {"dx", "dscale", "doffset"};
+  static constexpr OutputShape kOutputShapes[] = {
+      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector};
   static constexpr bool kHasDy = true;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kScale, InputCheck::kVectorOrEmpty}, {kMean, InputCheck::kVector},

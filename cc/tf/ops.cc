@@ -14,35 +14,12 @@
 namespace tfbn {
 namespace {
 
-using tensorflow::shape_inference::InferenceContext;
-
 // The activation attribute: the names of core/activation.h, identity by default.
 std::string ActivationAttr() {
   std::vector<std::string> quoted;
   for (const char* name : kActivationNames) quoted.push_back(absl::StrCat("'", name, "'"));
   return absl::StrCat("activation: {", absl::StrJoin(quoted, ", "), "} = '",
                       ActivationName(Activation::kIdentity), "'");
-}
-
-absl::Status ForwardShape(InferenceContext* c) {
-  using In = BatchNormIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kY, check.x());
-  for (auto out : {In::kBatchMean, In::kBatchVariance, In::kMeanLo})
-    c->set_output(out, check.channel_vector());
-  return absl::OkStatus();
-}
-
-absl::Status BackwardShape(InferenceContext* c) {
-  using In = BatchNormGradIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kDx, check.x());
-  c->set_output(In::kDScale, check.channel_vector());
-  c->set_output(In::kDOffset, check.channel_vector());
-  c->set_output(In::kDResidual, check.attrs().has_residual ? check.x() : c->Vector(0));
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -67,7 +44,7 @@ REGISTER_OP("TfbnBatchNorm")
     .Attr("has_offset: bool = false")  // true: offset must have C entries
     .Attr(ActivationAttr())
     .Attr("has_residual: bool = false")
-    .SetShapeFn(ForwardShape)
+    .SetShapeFn(ShapeFn<BatchNormIo>)
     .Doc("Fused Batch Normalization over any channel axis of an input of rank >= 2, with an "
          "optional epilogue: y = activation(normalized x * scale + offset + residual).");
 
@@ -93,7 +70,7 @@ REGISTER_OP("TfbnBatchNormGrad")
     .Attr("is_training: bool = true")
     .Attr(ActivationAttr())
     .Attr("has_residual: bool = false")
-    .SetShapeFn(BackwardShape)
+    .SetShapeFn(ShapeFn<BatchNormGradIo>)
     .Doc("Gradient of TfbnBatchNorm with respect to x, scale, offset and residual; z is "
          "recomputed from x, the statistics, scale, offset and residual.");
 

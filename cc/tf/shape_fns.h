@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <iterator>
 #include <vector>
 
 #include "tensorflow/core/framework/shape_inference.h"
@@ -59,12 +60,24 @@ class ShapeChecker {
     return absl::OkStatus();
   }
 
-  const OpAttrs& attrs() const { return attrs_; }
-  ShapeHandle x() const { return x_; }
-  ShapeHandle channel_vector() const { return c_->Vector(channels_); }
-  ShapeHandle matrix(int64_t rows) const { return c_->Matrix(rows, channels_); }
+  // Sets every output's shape (Io::kOutputShapes).
+  void SetOutputs() {
+    int index = 0;
+    for (OutputShape shape : Io::kOutputShapes) c_->set_output(index++, Shape(shape));
+  }
 
  private:
+  ShapeHandle Shape(OutputShape shape) const {
+    switch (shape) {
+      case OutputShape::kLikeX: return x_;
+      case OutputShape::kChannelVector: return c_->Vector(channels_);
+      case OutputShape::kPartials: return c_->Matrix(kPartialRows, channels_);
+      case OutputShape::kSums: return c_->Matrix(kGradSumRows, channels_);
+      case OutputShape::kLikeXIfResidual: return attrs_.has_residual ? x_ : c_->Vector(0);
+    }
+    return c_->UnknownShape();
+  }
+
   // The gradient ops: dy and x have one shape, which is x's.
   absl::Status SetDyAndX(Input dy, Input x) {
     ShapeHandle merged;
@@ -141,5 +154,15 @@ class ShapeChecker {
   DimensionHandle channels_;
   int axis_ = -1;
 };
+
+// The shape function of every op with an x: its checks, then its outputs' shapes.
+template <typename Io>
+absl::Status ShapeFn(tensorflow::shape_inference::InferenceContext* c) {
+  static_assert(std::size(Io::kOutputShapes) == std::size(Io::kOutputs));
+  ShapeChecker<Io> check(c);
+  TF_RETURN_IF_ERROR(check.Run());
+  check.SetOutputs();
+  return absl::OkStatus();
+}
 
 }  // namespace tfbn

@@ -25,9 +25,8 @@ class StatsOp : public TfbnOpKernel<StatsIo> {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = Get(ctx, In::kX);
     Layout layout;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout));
     const float* weights;
-    OP_REQUIRES_OK(ctx, Weights(ctx, In::kWeights, &weights));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
     Tensor* partial;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kPartial,
                                              TensorShape({kPartialRows, layout.channels}),
@@ -108,9 +107,8 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = Get(ctx, In::kX);
     Layout layout;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout));
     const float* weights;
-    OP_REQUIRES_OK(ctx, Weights(ctx, In::kWeights, &weights));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
     Tensor *dx, *dscale, *doffset;
     const TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx,
@@ -134,25 +132,13 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
   }
 };
 
-#define TFBN_REGISTER_SPLIT(T, U)                                                       \
-  REGISTER_KERNEL_BUILDER(                                                              \
+#define TFBN_REGISTER_SPLIT(T, U)                                                    \
+  REGISTER_KERNEL_BUILDER(                                                           \
       Name("TfbnBatchNormStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      StatsOp<T>);                                                                      \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormApply")                                    \
-                              .Device(tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<T>("T")                                   \
-                              .TypeConstraint<U>("U"),                                  \
-                          ApplyOp<T, U>);                                               \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGradSums")                                 \
-                              .Device(tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<T>("T")                                   \
-                              .TypeConstraint<U>("U"),                                  \
-                          GradSumsOp<T, U>);                                            \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGradApply")                                \
-                              .Device(tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<T>("T")                                   \
-                              .TypeConstraint<U>("U"),                                  \
-                          GradApplyOp<T, U>);
+      StatsOp<T>);                                                                   \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE_CPU, T, U, ApplyOp<T, U>);    \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradSums", DEVICE_CPU, T, U, GradSumsOp<T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradApply", DEVICE_CPU, T, U, GradApplyOp<T, U>);
 
 TFBN_REGISTER_SPLIT(Eigen::half, float)
 TFBN_REGISTER_SPLIT(tensorflow::bfloat16, float)
@@ -160,8 +146,8 @@ TFBN_REGISTER_SPLIT(float, float)
 TFBN_REGISTER_SPLIT(double, double)
 #undef TFBN_REGISTER_SPLIT
 
-#define TFBN_REGISTER_MERGE(U)                                                          \
-  REGISTER_KERNEL_BUILDER(                                                              \
+#define TFBN_REGISTER_MERGE(U)                                                         \
+  REGISTER_KERNEL_BUILDER(                                                             \
       Name("TfbnBatchNormMergeStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<U>("U"), \
       MergeStatsOp<U>);
 TFBN_REGISTER_MERGE(float)

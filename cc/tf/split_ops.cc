@@ -13,14 +13,6 @@ namespace {
 
 using tensorflow::shape_inference::InferenceContext;
 
-absl::Status StatsShape(InferenceContext* c) {
-  using In = StatsIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kPartial, check.matrix(kPartialRows));
-  return absl::OkStatus();
-}
-
 absl::Status MergeStatsShape(InferenceContext* c) {
   using In = MergeStatsIo;
   auto p = c->input(In::kPartials);
@@ -36,32 +28,6 @@ absl::Status MergeStatsShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-absl::Status ApplyShape(InferenceContext* c) {
-  using In = ApplyIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kY, check.x());
-  return absl::OkStatus();
-}
-
-absl::Status GradSumsShape(InferenceContext* c) {
-  using In = GradSumsIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kSums, check.matrix(kGradSumRows));
-  return absl::OkStatus();
-}
-
-absl::Status GradApplyShape(InferenceContext* c) {
-  using In = GradApplyIo;
-  ShapeChecker<In> check(c);
-  TF_RETURN_IF_ERROR(check.Run());
-  c->set_output(In::kDx, check.x());
-  c->set_output(In::kDScale, check.channel_vector());
-  c->set_output(In::kDOffset, check.channel_vector());
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 REGISTER_OP("TfbnBatchNormStats")
@@ -72,7 +38,7 @@ REGISTER_OP("TfbnBatchNormStats")
     .Output("partial: double")  // [3, C]: weight sum (count), mean, M2 of this slice
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("axis: int = -1")
-    .SetShapeFn(StatsShape)
+    .SetShapeFn(ShapeFn<StatsIo>)
     .Doc("Per-channel partial statistics (count, mean, M2) of x, for a later merge; with "
          "weights: sum of weights, weighted mean, M2 = sum w * (x - mean)^2. A slice "
          "with no weight gives 0, 0, 0.");
@@ -99,7 +65,7 @@ REGISTER_OP("TfbnBatchNormApply")
     .Attr("U: {float, double}")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
-    .SetShapeFn(ApplyShape)
+    .SetShapeFn(ShapeFn<ApplyIo>)
     .Doc("y = ((x - mean) - mean_lo) * rsqrt(variance + epsilon) * scale + offset.");
 
 REGISTER_OP("TfbnBatchNormGradSums")
@@ -111,7 +77,7 @@ REGISTER_OP("TfbnBatchNormGradSums")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("U: {float, double}")
     .Attr("axis: int = -1")
-    .SetShapeFn(GradSumsShape)
+    .SetShapeFn(ShapeFn<GradSumsIo>)
     .Doc("Per-channel gradient sums of this slice, for a later all-reduce.");
 
 REGISTER_OP("TfbnBatchNormGradApply")
@@ -132,7 +98,7 @@ REGISTER_OP("TfbnBatchNormGradApply")
     .Attr("U: {float, double}")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
-    .SetShapeFn(GradApplyShape)
+    .SetShapeFn(ShapeFn<GradApplyIo>)
     .Doc("Training gradient of BatchNorm from sums over the whole batch. With weights, "
          "every term that comes from the statistics' dependence on x is scaled by the "
          "element's weight.");

@@ -1,5 +1,6 @@
-// Argument checks shared by the shape functions (graph construction) and the kernels
-// (run time), so both report the same message naming the argument and its values.
+// Argument checks shared by the shape functions (graph construction), the kernels (run
+// time) and the XLA lowerings (compile time), so all report the same message naming the
+// argument and its values.
 #pragma once
 
 #include <cmath>

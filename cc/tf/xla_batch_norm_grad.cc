@@ -53,11 +53,13 @@ class BatchNormGradXlaOp : public TfbnXlaOpKernel<BatchNormGradIo> {
     // Sums accumulated in float64 of terms formed in U, as the CPU kernels form them:
     // sum dy and sum dy * ((x - hi) - lo).
     const xla::XlaOp sum_dy = SumPerChannel(xla::ConvertElementType(dy3, xla::F64));
-    const xla::XlaOp sum_dy_xc = SumPerChannel(xla::ConvertElementType(xla::Mul(dy3, xc), xla::F64));
+    const xla::XlaOp sum_dy_xc =
+        SumPerChannel(xla::ConvertElementType(xla::Mul(dy3, xc), xla::F64));
 
     const xla::XlaOp zeros_u = xla::Broadcast(xla::Zero(b, U), {C});
     ctx->SetOutput(In::kDOffset, xla::ConvertElementType(sum_dy, U));
-    ctx->SetOutput(In::kDScale, empty ? zeros_u : xla::ConvertElementType(xla::Mul(r, sum_dy_xc), U));
+    ctx->SetOutput(In::kDScale,
+                   empty ? zeros_u : xla::ConvertElementType(xla::Mul(r, sum_dy_xc), U));
 
     const xla::XlaOp sr = xla::Mul(s, r);
     const xla::XlaOp ga = xla::ConvertElementType(sr, U);

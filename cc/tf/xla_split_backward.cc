@@ -82,8 +82,8 @@ class GradApplyXlaOp : public TfbnXlaOpKernel<GradApplyIo> {
 
     const xla::XlaOp dy = To3d(ctx->Input(In::kDy), v, U);
     const xla::XlaOp ga_dy = xla::Mul(PerChannel(xla::ConvertElementType(sr, U), v), dy);
-    const xla::XlaOp gb_xc =
-        xla::Mul(PerChannel(xla::ConvertElementType(gb, U), v), CentredInput(ctx, v, In::kX, In::kMean, In::kMeanLo, U));
+    const xla::XlaOp xc = CentredInput(ctx, v, In::kX, In::kMean, In::kMeanLo, U);
+    const xla::XlaOp gb_xc = xla::Mul(PerChannel(xla::ConvertElementType(gb, U), v), xc);
     const xla::XlaOp gc_u = PerChannel(xla::ConvertElementType(gc, U), v);
     xla::XlaOp dx;
     if (HasInput(ctx, In::kWeights)) {

@@ -95,20 +95,14 @@ GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaO
 // The base of every tfbn lowering: the attributes and argument checks of the OpKernels
 // (op_kernel_base.h), on the inputs op Io names (op_signatures.h), with their messages.
 template <typename Io>
-class TfbnXlaOpKernel : public tensorflow::XlaOpKernel {
+class TfbnXlaOpKernel : public WithOpAttrs<tensorflow::XlaOpKernel, Io> {
  public:
-  using In = Io;
-  using Input = typename Io::Input;
-
-  explicit TfbnXlaOpKernel(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, CheckSignature<Io>(ctx));
-    OP_REQUIRES_OK(ctx, ReadOpAttrs(ctx, &attrs_));
-  }
+  using WithOpAttrs<tensorflow::XlaOpKernel, Io>::WithOpAttrs;
 
  protected:
   // Views input x (a static shape) and runs the op's input checks (input_checks.h).
   absl::Status Prepare(tensorflow::XlaOpKernelContext* ctx, XlaView* view) const {
-    TF_RETURN_IF_ERROR(MakeView(ctx, Io::kX, attrs_.axis, view));
+    TF_RETURN_IF_ERROR(MakeView(ctx, Io::kX, this->attrs_.axis, view));
     absl::Status status;
     auto shape_of = [ctx, &status](int index) {
       tensorflow::TensorShape shape;
@@ -116,11 +110,9 @@ class TfbnXlaOpKernel : public tensorflow::XlaOpKernel {
       return shape;
     };
     int axis;
-    TF_RETURN_IF_ERROR(CheckInputs<Io>(attrs_, shape_of, &axis));
+    TF_RETURN_IF_ERROR(CheckInputs<Io>(this->attrs_, shape_of, &axis));
     return status;
   }
-
-  OpAttrs attrs_;
 };
 
 // ---- Epilogue (activation after an optional residual add). ----

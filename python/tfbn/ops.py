@@ -44,10 +44,18 @@ def _check_epsilon(epsilon):
     return eps
 
 
-# The fused epilogue's activations: accepted names -> the op's attribute value.
+def _op_activations():
+    """The activation attribute's values: the names of cc/core/activation.h."""
+    from tensorflow.python.framework import op_def_registry
+
+    attr = next(a for a in op_def_registry.get("TfbnBatchNorm").attr if a.name == "activation")
+    return [tf.compat.as_str(name) for name in attr.allowed_values.list.s]
+
+
+# The fused epilogue's activations: accepted names -> the op's attribute value. Besides
+# the op's names: None, and Keras' other spellings 'linear' and 'swish'.
 _ACTIVATIONS = {
-    None: "identity", "linear": "identity", "identity": "identity", "relu": "relu",
-    "relu6": "relu6", "silu": "silu", "swish": "silu",
+    None: "identity", "linear": "identity", **{n: n for n in _op_activations()}, "swish": "silu",
 }
 
 
@@ -56,9 +64,10 @@ def canonical_activation(activation, where="tfbn.batch_norm"):
     'swish' is Keras' name for 'silu'); a clear ValueError for anything else."""
     if activation is None or (isinstance(activation, str) and activation in _ACTIVATIONS):
         return _ACTIVATIONS[activation]
+    names = [repr(name) for name in _ACTIVATIONS]
     raise ValueError(
-        f"{where}: activation must be None, 'linear', 'identity', 'relu', 'relu6', 'silu' "
-        f"or 'swish', got activation={activation!r}"
+        f"{where}: activation must be {', '.join(names[:-1])} or {names[-1]}, "
+        f"got activation={activation!r}"
     )
 
 
