@@ -100,26 +100,24 @@ using GpuGrad = BatchNormGradOp<GpuLauncher, T, U>;
 
 // The epilogue (activation, residual) has CPU kernels only so far: these kernels take the
 // plain op alone, so TensorFlow places an op with an epilogue on the CPU.
-#define TFBN_REGISTER_GPU(T, U)                                                  \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNorm")                                  \
-                              .Device(tensorflow::DEVICE_GPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .AttrConstraint("activation", "identity")          \
-                              .AttrConstraint("has_residual", false),            \
-                          GpuForward<T, U>);                                 \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGrad")                              \
-                              .Device(tensorflow::DEVICE_GPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .AttrConstraint("activation", "identity")          \
-                              .AttrConstraint("has_residual", false),            \
-                          GpuGrad<T, U>);
+const char* const kNoActivation = ActivationName(Activation::kIdentity);
+#define TFBN_REGISTER_GPU(OP, T, U, KERNEL)                                    \
+  REGISTER_KERNEL_BUILDER(Name(OP)                                             \
+                              .Device(tensorflow::DEVICE_GPU)                  \
+                              .TypeConstraint<T>("T")                          \
+                              .TypeConstraint<U>("U")                          \
+                              .AttrConstraint("activation", kNoActivation)     \
+                              .AttrConstraint("has_residual", false),          \
+                          KERNEL<T, U>);
+#define TFBN_REGISTER_PAIR(T, U)                          \
+  TFBN_REGISTER_GPU("TfbnBatchNorm", T, U, GpuForward) \
+  TFBN_REGISTER_GPU("TfbnBatchNormGrad", T, U, GpuGrad)
 
-TFBN_REGISTER_GPU(Eigen::half, float)
-TFBN_REGISTER_GPU(tensorflow::bfloat16, float)
-TFBN_REGISTER_GPU(float, float)
-TFBN_REGISTER_GPU(double, double)
+TFBN_REGISTER_PAIR(Eigen::half, float)
+TFBN_REGISTER_PAIR(tensorflow::bfloat16, float)
+TFBN_REGISTER_PAIR(float, float)
+TFBN_REGISTER_PAIR(double, double)
+#undef TFBN_REGISTER_PAIR
 #undef TFBN_REGISTER_GPU
 
 }  // namespace
