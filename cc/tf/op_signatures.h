@@ -1,10 +1,9 @@
 // Every tfbn op's inputs and outputs, by name, in the order REGISTER_OP lists them
-// (ops.cc, split_ops.cc), and the checks of its inputs against x. Kernels, shape functions
-// and XLA lowerings index with these enums, never with bare numbers, and run these checks
-// (input_checks.h, shape_fns.h); the shape functions also give the outputs' shapes from
-// here. Every kernel checks when it is built that its op lists
-// the same names (CheckSignature in op_attrs.h), so the two cannot drift apart. The names
-// also label the arguments in error messages.
+// (ops.cc, split_ops.cc), the checks of its inputs against x and its outputs' shapes.
+// Kernels, shape functions and XLA lowerings index with these enums, never with bare
+// numbers, and run these checks (input_checks.h, shape_fns.h). Every kernel checks when
+// it is built that its op lists the same names (CheckSignature in op_attrs.h), so the two
+// cannot drift apart. The names also label the arguments in error messages.
 #pragma once
 
 #include <cstdint>
