@@ -64,8 +64,8 @@ if(_tfbn_xla_missing)
 endif()
 
 add_library(tfbn_xla MODULE cc/tf/xla_registration.cc cc/tf/xla_view.cc cc/tf/xla_batch_norm.cc
-                            cc/tf/xla_batch_norm_grad.cc cc/tf/xla_sync_forward.cc
-                            cc/tf/xla_sync_backward.cc)
+                            cc/tf/xla_batch_norm_grad.cc cc/tf/xla_split_forward.cc
+                            cc/tf/xla_split_backward.cc)
 set_target_properties(tfbn_xla PROPERTIES PREFIX "" OUTPUT_NAME "_tfbn_xla")
 target_include_directories(tfbn_xla PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/cc")
 target_include_directories(tfbn_xla SYSTEM PRIVATE "${TFBN_HIGHWAYHASH_INCLUDE_DIR}"

@@ -84,13 +84,13 @@ def test_split_ops_match_the_fused_op_on_one_slice():
     dy = tf.constant(rng.normal(size=x.shape).astype(np.float32))
     scale = tf.constant(rng.uniform(0.5, 1.5, 8).astype(np.float32))
     offset = tf.constant(rng.uniform(-1, 1, 8).astype(np.float32))
-    y, mean, var, reserve = _ops.tfbn_batch_norm(x, scale, offset, tf.zeros([0]), tf.zeros([0]),
+    y, mean, var, mean_lo = _ops.tfbn_batch_norm(x, scale, offset, tf.zeros([0]), tf.zeros([0]),
                                                  tf.zeros([0]))
-    dx, dscale, doffset, _ = _ops.tfbn_batch_norm_grad(dy, x, scale, mean, var, reserve,
-                                                        tf.zeros([0]), tf.zeros([0]), offset,
+    dx, dscale, doffset, _ = _ops.tfbn_batch_norm_grad(dy, x, scale, offset, mean, var, mean_lo,
+                                                        tf.zeros([0]), tf.zeros([0]),
                                                         tf.zeros([0]))
     m2, v2, r2, count = split_forward([x], -1, tf.float32)
-    for a, b in ((mean, m2), (var, v2), (reserve, r2)):
+    for a, b in ((mean, m2), (var, v2), (mean_lo, r2)):
         assert a.numpy().tobytes() == b.numpy().tobytes()
     y2 = _ops.tfbn_batch_norm_apply(x, scale, offset, m2, v2, r2)
     reference.assert_close(y2, y, "float32", "y")

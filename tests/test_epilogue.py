@@ -463,15 +463,18 @@ def test_raw_ops_check_the_residual():
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"residual must have the shape of x \[2,3,4,5\]"):
         raw.tfbn_batch_norm(*args, e, has_residual=True)
-    grad_args = (X, X, e, np.zeros(5, np.float32), np.ones(5, np.float32), e, e, e, e)
+    grad_args = dict(dy=X, x=X, scale=e, offset=e, mean=np.zeros(5, np.float32),
+                     variance=np.ones(5, np.float32), mean_lo=e, d_batch_mean=e,
+                     d_batch_variance=e)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"residual must have the shape of x \[2,3,4,5\]"):
-        raw.tfbn_batch_norm_grad(*grad_args, X[:1], has_residual=True, activation="relu")
+        raw.tfbn_batch_norm_grad(**grad_args, residual=X[:1], has_residual=True,
+                                 activation="relu")
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
                        match=r"offset must be a vector of length C = 5"):
-        raw.tfbn_batch_norm_grad(*grad_args[:8], np.ones(4, np.float32), X,
+        raw.tfbn_batch_norm_grad(**{**grad_args, "offset": np.ones(4, np.float32)}, residual=X,
                                  has_residual=True, activation="relu")
-    dx, _, _, dres = raw.tfbn_batch_norm_grad(*grad_args, e)
+    dx, _, _, dres = raw.tfbn_batch_norm_grad(**grad_args, residual=e)
     assert dres.shape == (0,) and dx.shape == X.shape
 
 

@@ -120,9 +120,9 @@ def test_training_must_be_a_python_bool():
 
 
 def test_gradient_op_rejects_mismatched_dy():
-    args = (np.ones((2, 4), F32), X, np.ones(5, F32), np.zeros(5, F32), np.ones(5, F32),
-            np.zeros(0, F32), np.zeros(0, F32), np.zeros(0, F32), np.zeros(0, F32),
-            np.zeros(0, F32))
+    e = np.zeros(0, F32)  # dy, x, scale, offset, mean, variance, mean_lo, residual, ...
+    args = (np.ones((2, 4), F32), X, np.ones(5, F32), e, np.zeros(5, F32), np.ones(5, F32),
+            e, e, e, e)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"dy has shape \[2,4\] but x has "
                                                              r"shape \[2,3,4,5\]"):
         raw.tfbn_batch_norm_grad(*args)

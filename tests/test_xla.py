@@ -65,18 +65,15 @@ def forward_op(x, scale, offset, mean, variance, residual=None, **attrs):
     return _ops.tfbn_batch_norm(*args, **attrs)
 
 
-def grad_op(dy, x, scale, mean, variance, reserve, d_mean, d_var, offset=None,
+def grad_op(dy, x, scale, mean, variance, mean_lo, d_mean, d_var, offset=None,
             residual=None, **attrs):
-    """TfbnBatchNormGrad with the inputs this build's op takes; returns 3 or 4 outputs."""
-    args = [dy, x, scale, mean, variance, reserve, d_mean, d_var]
-    names = op_inputs("TfbnBatchNormGrad")
-    if "offset" in names:
-        args.append(empty(mean.dtype) if offset is None else offset)
-    if "residual" in names:
-        args.append(empty(x.dtype) if residual is None else residual)
-        if residual is not None:
-            attrs["has_residual"] = True
-    return _ops.tfbn_batch_norm_grad(*args, **attrs)
+    """TfbnBatchNormGrad (offset and residual None: empty); returns its 4 outputs."""
+    if residual is not None:
+        attrs["has_residual"] = True
+    offset = empty(mean.dtype) if offset is None else offset
+    residual = empty(x.dtype) if residual is None else residual
+    return _ops.tfbn_batch_norm_grad(dy, x, scale, offset, mean, variance, mean_lo, residual,
+                                     d_mean, d_var, **attrs)
 
 
 def stats_op(x, weights=None, **attrs):

@@ -1,137 +1,66 @@
-// CPU OpKernels for TfbnBatchNorm and TfbnBatchNormGrad: validate, allocate, call core.
+// CPU kernels of TfbnBatchNorm and TfbnBatchNormGrad: the bodies of batch_norm_op.h with
+// the core's CPU entry points on TensorFlow's intra-op thread pool.
 #define EIGEN_USE_THREADS
 
 #include "core/batch_norm.h"
 #include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tf/batch_norm_op_base.h"
+#include "tf/batch_norm_op.h"
 #include "tf/cpu_parallel.h"
 
 namespace tfbn {
 namespace {
 
-using tensorflow::DataTypeToEnum;
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
+struct CpuLauncher {
+  // The CPU backward reads each element of x before it writes that element of dx.
+  static constexpr bool kDxMayTakeX = true;
 
-template <typename T, typename U>
-class BatchNormOp : public BatchNormOpBase {
- public:
-  using BatchNormOpBase::BatchNormOpBase;
+  template <typename T, typename U>
+  static absl::Status Forward(tensorflow::OpKernelContext* ctx, const Layout& layout,
+                              const ForwardData<T, U>& d, const ForwardArgs& args) {
+    BatchNormForwardEpilogue<T, U>(layout, d.x, d.scale, d.offset, d.mean, d.variance,
+                                   d.residual, args, d.y, d.batch_mean, d.batch_variance,
+                                   d.mean_lo, IntraOpParallelFor(ctx));
+    return absl::OkStatus();
+  }
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    Layout layout;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
-    ForwardOutputs out;
-    OP_REQUIRES_OK(ctx, AllocateForward(ctx, layout, &out));
-    BatchNormForwardEpilogue<T, U>(
-        layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)), DataOrNull<U>(ctx->input(2)),
-        DataOrNull<U>(ctx->input(3)), DataOrNull<U>(ctx->input(4)),
-        has_residual_ ? ctx->input(5).flat<T>().data() : nullptr, args_,
-        out.y->flat<T>().data(), out.batch_mean->flat<U>().data(),
-        out.batch_variance->flat<U>().data(), out.reserve->flat<U>().data(),
-        IntraOpParallelFor(ctx));
+  template <typename T, typename U>
+  static absl::Status Backward(tensorflow::OpKernelContext* ctx, const Layout& layout,
+                               const BackwardData<T, U>& d, const ForwardArgs& args) {
+    BatchNormBackwardEpilogue<T, U>(layout, d.dy, d.x, d.scale, d.offset, d.residual, d.mean,
+                                    d.mean_lo, d.variance, d.d_batch_mean,
+                                    d.d_batch_variance, args, d.dx, d.dresidual, d.dscale,
+                                    d.doffset, IntraOpParallelFor(ctx));
+    return absl::OkStatus();
   }
 };
 
 template <typename T, typename U>
-class BatchNormGradOp : public BatchNormOpBase {
- public:
-  using BatchNormOpBase::BatchNormOpBase;
+using CpuForward = BatchNormOp<CpuLauncher, T, U>;
+template <typename T, typename U>
+using CpuGrad = BatchNormGradOp<CpuLauncher, T, U>;
+// The remaining (T, U) pairs get kernels whose constructor names the dtypes.
+template <typename T, typename U>
+using MismatchedForward = MismatchedDtypesOp<BatchNormIo>;
+template <typename T, typename U>
+using MismatchedGrad = MismatchedDtypesOp<BatchNormGradIo>;
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& dy = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    Layout layout;
-    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, &layout));
-    Tensor *dx, *dscale, *doffset, *dresidual = nullptr;
-    const TensorShape channels({layout.channels});
-    // With identity, dresidual is dy itself (dz = dy): the output shares dy's buffer, so dx
-    // must not take it over.
-    const bool alias_dy = has_residual_ && args_.activation == Activation::kIdentity;
-    // Outputs take over inputs no one else holds (a real network's dy, often x): each
-    // element is read before it is written (dresidual by the sums pass over dy and the
-    // residual, dx by the last pass over x, dy or dresidual).
-    if (alias_dy) {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x.shape(), &dx));
-      ctx->set_output(3, dy);
-    } else if (has_residual_) {
-      // float16/bfloat16: the last pass reads dy and the residual again (it recomputes dz
-      // in float), so dresidual may not take over either of them.
-      constexpr bool kReadStoredDz = std::is_same_v<T, U>;
-      if (kReadStoredDz)
-        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 9}, 3, x.shape(),
-                                                                  &dresidual));
-      else
-        OP_REQUIRES_OK(ctx, ctx->allocate_output(3, x.shape(), &dresidual));
-      const bool took_dy = dresidual->data() == dy.data();
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                              took_dy ? std::initializer_list<int>{1}
-                                      : std::initializer_list<int>{0, 1},
-                              0, x.shape(), &dx));
-    } else {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 1}, 0, x.shape(), &dx));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({0}), &dresidual));
-    }
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
-    const bool residual_in = has_residual_ && !alias_dy;
-    BatchNormBackwardEpilogue<T, U>(
-        layout, dy.flat<T>().data(), x.flat<T>().data(), DataOrNull<U>(ctx->input(2)),
-        DataOrNull<U>(ctx->input(8)), residual_in ? ctx->input(9).flat<T>().data() : nullptr,
-        ctx->input(3).flat<U>().data(), DataOrNull<U>(ctx->input(5)),
-        ctx->input(4).flat<U>().data(), DataOrNull<U>(ctx->input(6)),
-        DataOrNull<U>(ctx->input(7)), args_, dx->flat<T>().data(),
-        residual_in ? dresidual->flat<T>().data() : nullptr, dscale->flat<U>().data(),
-        doffset->flat<U>().data(), IntraOpParallelFor(ctx));
-  }
-};
+#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                              \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_CPU, T, U, FORWARD<T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_CPU, T, U, GRAD<T, U>);
+#define TFBN_REGISTER_PAIR(T, U) TFBN_REGISTER_CPU(T, U, CpuForward, CpuGrad)
+#define TFBN_REGISTER_MISMATCH(T, U) TFBN_REGISTER_CPU(T, U, MismatchedForward, MismatchedGrad)
 
-#define TFBN_REGISTER_CPU(T, U)                                                  \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNorm")                                  \
-                              .Device(tensorflow::DEVICE_CPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U"),                           \
-                          BatchNormOp<T, U>);                                    \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGrad")                              \
-                              .Device(tensorflow::DEVICE_CPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U"),                           \
-                          BatchNormGradOp<T, U>);
-
-TFBN_REGISTER_CPU(Eigen::half, float)
-TFBN_REGISTER_CPU(tensorflow::bfloat16, float)
-TFBN_REGISTER_CPU(float, float)
-TFBN_REGISTER_CPU(double, double)
-#undef TFBN_REGISTER_CPU
-
-// The remaining (T, U) pairs are registered only so that eager calls get the
-// constructor's message naming the dtypes instead of "no kernel registered".
-class MismatchedDtypesOp : public BatchNormOpBase {
- public:
-  using BatchNormOpBase::BatchNormOpBase;  // its constructor fails with the message
-  void Compute(OpKernelContext*) override {}
-};
-
-#define TFBN_REGISTER_MISMATCH(T, U)                                                     \
-  REGISTER_KERNEL_BUILDER(                                                               \
-      Name("TfbnBatchNorm").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")        \
-          .TypeConstraint<U>("U"),                                                       \
-      MismatchedDtypesOp);                                                               \
-  REGISTER_KERNEL_BUILDER(                                                               \
-      Name("TfbnBatchNormGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T")    \
-          .TypeConstraint<U>("U"),                                                       \
-      MismatchedDtypesOp);
-
+TFBN_REGISTER_PAIR(Eigen::half, float)
+TFBN_REGISTER_PAIR(tensorflow::bfloat16, float)
+TFBN_REGISTER_PAIR(float, float)
+TFBN_REGISTER_PAIR(double, double)
 TFBN_REGISTER_MISMATCH(Eigen::half, double)
 TFBN_REGISTER_MISMATCH(tensorflow::bfloat16, double)
 TFBN_REGISTER_MISMATCH(float, double)
 TFBN_REGISTER_MISMATCH(double, float)
 #undef TFBN_REGISTER_MISMATCH
+#undef TFBN_REGISTER_PAIR
+#undef TFBN_REGISTER_CPU
 
 }  // namespace
 }  // namespace tfbn

@@ -1,5 +1,5 @@
-// GPU OpKernels for TfbnBatchNorm and TfbnBatchNormGrad: the same checks as the CPU
-// kernels (BatchNormOpBase), then the core CUDA launchers on the op's stream.
+// GPU kernels of TfbnBatchNorm and TfbnBatchNormGrad: the bodies of batch_norm_op.h (the
+// CPU kernels' checks and outputs) with the core's CUDA launchers on the op's stream.
 //
 // Host code only (g++ with GOOGLE_CUDA / EIGEN_USE_GPU against the CUDA headers shipped in
 // the TensorFlow wheel); the kernels live in core/batch_norm_cuda.cu. Every CUDA runtime
@@ -17,15 +17,11 @@
 #include "core/batch_norm_cuda.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tf/batch_norm_op_base.h"
+#include "tf/batch_norm_op.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace tfbn {
 namespace {
-
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
 
 template <typename T>
 constexpr cuda::DType kDType = cuda::DType::kFloat;
@@ -37,13 +33,14 @@ template <>
 constexpr cuda::DType kDType<double> = cuda::DType::kDouble;
 
 // The CUDA stream TensorFlow runs this op on (its compute stream for the device).
-cudaStream_t OpStream(OpKernelContext* ctx) {
+cudaStream_t OpStream(tensorflow::OpKernelContext* ctx) {
   return ctx->eigen_device<Eigen::GpuDevice>().stream();
 }
 
-absl::Status AllocateWorkspace(OpKernelContext* ctx, size_t bytes, Tensor* workspace) {
-  return ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({static_cast<int64_t>(bytes)}),
-                            workspace);
+absl::Status AllocateWorkspace(tensorflow::OpKernelContext* ctx, size_t bytes,
+                               tensorflow::Tensor* workspace) {
+  const tensorflow::TensorShape shape({static_cast<int64_t>(bytes)});
+  return ctx->allocate_temp(tensorflow::DT_INT8, shape, workspace);
 }
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
@@ -54,83 +51,73 @@ absl::Status LaunchStatus(cudaError_t error, const char* what) {
                                           cuda::DriverVersion(), ")"));
 }
 
-template <typename T, typename U>
-class BatchNormGpuOp : public BatchNormOpBase {
- public:
-  using BatchNormOpBase::BatchNormOpBase;
+// Registered for ops without an epilogue only (below); this says so should that change.
+absl::Status CheckNoEpilogue(const ForwardArgs& args, bool has_residual) {
+  if (args.activation == Activation::kIdentity && !has_residual) return absl::OkStatus();
+  return absl::UnimplementedError(
+      "tfbn: the GPU kernels have no epilogue (activation, residual) yet");
+}
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    Layout layout;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout));
-    ForwardOutputs out;
-    OP_REQUIRES_OK(ctx, AllocateForward(ctx, layout, &out));
-    const size_t bytes = cuda::ForwardWorkspaceBytes(kDType<T>, layout, args_.training);
-    Tensor workspace;
-    OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
-    const cudaError_t error = cuda::BatchNormForward(
-        kDType<T>, layout, x.flat<T>().data(), DataOrNull<U>(ctx->input(1)),
-        DataOrNull<U>(ctx->input(2)), DataOrNull<U>(ctx->input(3)),
-        DataOrNull<U>(ctx->input(4)), args_, out.y->flat<T>().data(),
-        out.batch_mean->flat<U>().data(), out.batch_variance->flat<U>().data(),
-        out.reserve->flat<U>().data(), workspace.flat<int8_t>().data(), bytes, OpStream(ctx));
-    OP_REQUIRES_OK(ctx, LaunchStatus(error, "TfbnBatchNorm"));
+struct GpuLauncher {
+  // dx takes over dy's buffer only: whether the CUDA passes also allow x's is for the
+  // CUDA kernels to promise first.
+  static constexpr bool kDxMayTakeX = false;
+
+  template <typename T, typename U>
+  static absl::Status Forward(tensorflow::OpKernelContext* ctx, const Layout& layout,
+                              const ForwardData<T, U>& d, const ForwardArgs& args) {
+    TF_RETURN_IF_ERROR(CheckNoEpilogue(args, d.residual != nullptr));
+    const size_t bytes = cuda::ForwardWorkspaceBytes(kDType<T>, layout, args.training);
+    tensorflow::Tensor workspace;
+    TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
+    return LaunchStatus(
+        cuda::BatchNormForward(kDType<T>, layout, d.x, d.scale, d.offset, d.mean, d.variance,
+                               args, d.y, d.batch_mean, d.batch_variance, d.mean_lo,
+                               workspace.flat<int8_t>().data(), bytes, OpStream(ctx)),
+        "TfbnBatchNorm");
   }
-};
 
-template <typename T, typename U>
-class BatchNormGradGpuOp : public BatchNormOpBase {
- public:
-  using BatchNormOpBase::BatchNormOpBase;
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& dy = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    Layout layout;
-    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, &layout));
-    Tensor *dx, *dscale, *doffset, *dresidual;
-    const TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, channels, &dscale));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, channels, &doffset));
-    // Registered for has_residual = false only: dresidual is the empty placeholder.
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({0}), &dresidual));
+  template <typename T, typename U>
+  static absl::Status Backward(tensorflow::OpKernelContext* ctx, const Layout& layout,
+                               const BackwardData<T, U>& d, const ForwardArgs& args) {
+    TF_RETURN_IF_ERROR(CheckNoEpilogue(args, d.residual != nullptr));
     const size_t bytes = cuda::BackwardWorkspaceBytes(kDType<T>, layout);
-    Tensor workspace;
-    OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, bytes, &workspace));
-    const cudaError_t error = cuda::BatchNormBackward(
-        kDType<T>, layout, dy.flat<T>().data(), x.flat<T>().data(),
-        DataOrNull<U>(ctx->input(2)), ctx->input(3).flat<U>().data(),
-        DataOrNull<U>(ctx->input(5)), ctx->input(4).flat<U>().data(),
-        DataOrNull<U>(ctx->input(6)), DataOrNull<U>(ctx->input(7)), args_,
-        dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
-        workspace.flat<int8_t>().data(), bytes, OpStream(ctx));
-    OP_REQUIRES_OK(ctx, LaunchStatus(error, "TfbnBatchNormGrad"));
+    tensorflow::Tensor workspace;
+    TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
+    return LaunchStatus(
+        cuda::BatchNormBackward(kDType<T>, layout, d.dy, d.x, d.scale, d.mean, d.mean_lo,
+                                d.variance, d.d_batch_mean, d.d_batch_variance, args, d.dx,
+                                d.dscale, d.doffset, workspace.flat<int8_t>().data(), bytes,
+                                OpStream(ctx)),
+        "TfbnBatchNormGrad");
   }
 };
+
+template <typename T, typename U>
+using GpuForward = BatchNormOp<GpuLauncher, T, U>;
+template <typename T, typename U>
+using GpuGrad = BatchNormGradOp<GpuLauncher, T, U>;
 
 // The epilogue (activation, residual) has CPU kernels only so far: these kernels take the
 // plain op alone, so TensorFlow places an op with an epilogue on the CPU.
-#define TFBN_REGISTER_GPU(T, U)                                                  \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNorm")                                  \
-                              .Device(tensorflow::DEVICE_GPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .AttrConstraint("activation", "identity")          \
-                              .AttrConstraint("has_residual", false),            \
-                          BatchNormGpuOp<T, U>);                                 \
-  REGISTER_KERNEL_BUILDER(Name("TfbnBatchNormGrad")                              \
-                              .Device(tensorflow::DEVICE_GPU)                    \
-                              .TypeConstraint<T>("T")                            \
-                              .TypeConstraint<U>("U")                            \
-                              .AttrConstraint("activation", "identity")          \
-                              .AttrConstraint("has_residual", false),            \
-                          BatchNormGradGpuOp<T, U>);
+const char* const kNoActivation = ActivationName(Activation::kIdentity);
+#define TFBN_REGISTER_GPU(OP, T, U, KERNEL)                                    \
+  REGISTER_KERNEL_BUILDER(Name(OP)                                             \
+                              .Device(tensorflow::DEVICE_GPU)                  \
+                              .TypeConstraint<T>("T")                          \
+                              .TypeConstraint<U>("U")                          \
+                              .AttrConstraint("activation", kNoActivation)     \
+                              .AttrConstraint("has_residual", false),          \
+                          KERNEL<T, U>);
+#define TFBN_REGISTER_PAIR(T, U)                          \
+  TFBN_REGISTER_GPU("TfbnBatchNorm", T, U, GpuForward) \
+  TFBN_REGISTER_GPU("TfbnBatchNormGrad", T, U, GpuGrad)
 
-TFBN_REGISTER_GPU(Eigen::half, float)
-TFBN_REGISTER_GPU(tensorflow::bfloat16, float)
-TFBN_REGISTER_GPU(float, float)
-TFBN_REGISTER_GPU(double, double)
+TFBN_REGISTER_PAIR(Eigen::half, float)
+TFBN_REGISTER_PAIR(tensorflow::bfloat16, float)
+TFBN_REGISTER_PAIR(float, float)
+TFBN_REGISTER_PAIR(double, double)
+#undef TFBN_REGISTER_PAIR
 #undef TFBN_REGISTER_GPU
 
 }  // namespace

@@ -30,39 +30,12 @@ absl::Status MakeView(XlaOpKernelContext* ctx, int index, int axis_attr, XlaView
   return absl::OkStatus();
 }
 
-absl::Status CheckVector(XlaOpKernelContext* ctx, int index, const char* name,
-                         bool allow_empty, const XlaView& view) {
+absl::Status InputShape(XlaOpKernelContext* ctx, int index, tensorflow::TensorShape* shape) {
   auto s = ctx->InputXlaShape(index);
   TF_RETURN_IF_ERROR(s.status());
-  const int rank = s->dimensions().size();
-  return CheckChannelVector(name, rank, rank == 1 ? s->dimensions(0) : -1, view.channels,
-                            allow_empty, view.axis, view.shape.DebugString());
-}
-
-absl::Status CheckLikeX(XlaOpKernelContext* ctx, int index, const char* name,
-                        const XlaView& view) {
-  auto s = ctx->InputXlaShape(index);
-  TF_RETURN_IF_ERROR(s.status());
-  tensorflow::TensorShape shape;
-  for (int64_t d : s->dimensions()) shape.AddDim(d);
-  if (shape == view.shape) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("tfbn: ", name, " has shape ",
-                                                 shape.DebugString(), " but x has shape ",
-                                                 view.shape.DebugString()));
-}
-
-absl::Status CheckWeights(XlaOpKernelContext* ctx, int index, const XlaView& view) {
-  auto s = ctx->InputXlaShape(index);
-  TF_RETURN_IF_ERROR(s.status());
-  tensorflow::TensorShape want, got;
-  for (int d = 0; d < view.shape.dims(); ++d)
-    if (d != view.axis) want.AddDim(view.shape.dim_size(d));
-  for (int64_t d : s->dimensions()) got.AddDim(d);
-  if (got == want) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "tfbn: weights must have x's shape without the channel axis, ", want.DebugString(),
-      " (x has shape ", view.shape.DebugString(), ", channel axis ", view.axis,
-      "), got shape ", got.DebugString()));
+  *shape = tensorflow::TensorShape();
+  for (int64_t d : s->dimensions()) shape->AddDim(d);
+  return absl::OkStatus();
 }
 
 xla::XlaOp Weights2d(XlaOpKernelContext* ctx, int index, const XlaView& view,
@@ -72,7 +45,6 @@ xla::XlaOp Weights2d(XlaOpKernelContext* ctx, int index, const XlaView& view,
 }
 
 bool HasInput(XlaOpKernelContext* ctx, int index) {
-  if (index >= ctx->num_inputs()) return false;
   auto s = ctx->InputXlaShape(index);
   return s.ok() && xla::ShapeUtil::ElementsIn(*s) > 0;
 }
@@ -130,47 +102,6 @@ GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaO
                xla::Div(xla::Mul(Scalar(b, xla::F64, 2.0), d_variance), m));
   const xla::XlaOp gc = xla::Add(xla::Div(xla::Mul(xla::Neg(sr), sum_dy), m), xla::Div(d_mean, m));
   return {gb, gc};
-}
-
-absl::Status CheckGradInputs(XlaOpKernelContext* ctx, const XlaView& view,
-                             const char* residual_name) {
-  TF_RETURN_IF_ERROR(CheckLikeX(ctx, 0, "dy", view));
-  TF_RETURN_IF_ERROR(CheckVector(ctx, 2, "scale", true, view));
-  TF_RETURN_IF_ERROR(CheckVector(ctx, 3, "mean", false, view));
-  TF_RETURN_IF_ERROR(CheckVector(ctx, 4, "variance", false, view));
-  return CheckVector(ctx, 5, residual_name, true, view);
-}
-
-absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
-                             float* epsilon) {
-  TF_RETURN_IF_ERROR(ctx->GetAttr("axis", axis));
-  if (epsilon != nullptr) {
-    TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", epsilon));
-    TF_RETURN_IF_ERROR(CheckEpsilon(*epsilon));
-  }
-  if (!ctx->HasAttr("U")) return absl::OkStatus();
-  tensorflow::DataType t, u;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("T", &t));
-  TF_RETURN_IF_ERROR(ctx->GetAttr("U", &u));
-  return CheckParamDtype(t, u);
-}
-
-absl::Status ReadEpilogueAttrs(tensorflow::OpKernelConstruction* ctx, Activation* activation,
-                               bool* has_residual) {
-  *activation = Activation::kIdentity;
-  *has_residual = false;
-  if (ctx->HasAttr("has_residual")) TF_RETURN_IF_ERROR(ctx->GetAttr("has_residual", has_residual));
-  if (!ctx->HasAttr("activation")) return absl::OkStatus();
-  std::string name;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("activation", &name));
-  if (name == "identity") *activation = Activation::kIdentity;
-  else if (name == "relu") *activation = Activation::kRelu;
-  else if (name == "relu6") *activation = Activation::kRelu6;
-  else if (name == "silu") *activation = Activation::kSilu;
-  else
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tfbn: activation must be identity, relu, relu6 or silu, got activation = ", name));
-  return absl::OkStatus();
 }
 
 xla::XlaOp Activate(xla::XlaOp z, Activation activation) {

@@ -1,6 +1,6 @@
 // What the XLA lowerings of the tfbn ops share: the [outer, C, inner] view of x as HLO,
 // per-channel parameters (an empty one meaning a constant), float64 reductions, the
-// attributes added by later op versions, and the epilogue activation.
+// kernels' argument checks on named inputs, and the epilogue activation.
 //
 // Why the lowerings restate the math in XLA ops instead of calling cc/core: XLA compiles
 // a whole function into one HLO program (fused, on CPU or GPU), and an opaque kernel call
@@ -17,7 +17,11 @@
 #include <string>
 #include <vector>
 
+#include "core/activation.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
+#include "tf/input_checks.h"
+#include "tf/op_attrs.h"
+#include "tf/op_signatures.h"
 #include "xla/hlo/builder/xla_builder.h"
 
 namespace tfbn {
@@ -36,25 +40,16 @@ struct XlaView {
 absl::Status MakeView(tensorflow::XlaOpKernelContext* ctx, int index, int axis_attr,
                       XlaView* view);
 
-// Checks that input `index` is a per-channel vector of length C (or empty, where allowed),
-// with the same message as the CPU kernels.
-absl::Status CheckVector(tensorflow::XlaOpKernelContext* ctx, int index, const char* name,
-                         bool allow_empty, const XlaView& view);
-
-// Checks that input `index` has x's shape (dy, residual).
-absl::Status CheckLikeX(tensorflow::XlaOpKernelContext* ctx, int index, const char* name,
-                        const XlaView& view);
-
-// Checks that input `index` (per-element weights) has x's shape without the channel axis.
-absl::Status CheckWeights(tensorflow::XlaOpKernelContext* ctx, int index, const XlaView& view);
+// The shape of input `index` as a TensorShape.
+absl::Status InputShape(tensorflow::XlaOpKernelContext* ctx, int index,
+                        tensorflow::TensorShape* shape);
 
 // Weights input `index` as [outer, inner] in `type` (one weight per position, shared by
 // every channel).
 xla::XlaOp Weights2d(tensorflow::XlaOpKernelContext* ctx, int index, const XlaView& view,
                      xla::PrimitiveType type);
 
-// True where the op has input `index` (older op versions lack the appended inputs) and it
-// is not empty.
+// True where input `index` is not empty.
 bool HasInput(tensorflow::XlaOpKernelContext* ctx, int index);
 
 // x (any shape of view's size) as [outer, C, inner] in `type`.
@@ -97,23 +92,30 @@ GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaO
                                           xla::XlaOp sum_dy_xc, xla::XlaOp d_mean,
                                           xla::XlaOp d_variance, xla::XlaOp m);
 
-// The inputs the gradient ops share: dy (0) like x, scale (2, may be empty), mean (3),
-// variance (4) and the mean's residual (5, may be empty; named `residual_name`).
-absl::Status CheckGradInputs(tensorflow::XlaOpKernelContext* ctx, const XlaView& view,
-                             const char* residual_name);
+// The base of every tfbn lowering: the attributes and argument checks of the OpKernels
+// (op_kernel_base.h), on the inputs op Io names (op_signatures.h), with their messages.
+template <typename Io>
+class TfbnXlaOpKernel : public WithOpAttrs<tensorflow::XlaOpKernel, Io> {
+ public:
+  using WithOpAttrs<tensorflow::XlaOpKernel, Io>::WithOpAttrs;
 
-// Reads the attributes the lowerings share, as the kernels check them: `axis`; `epsilon`
-// (checked) where epsilon is not null; T and U (a valid pair) where the op has U.
-absl::Status ReadCommonAttrs(tensorflow::OpKernelConstruction* ctx, int* axis,
-                             float* epsilon);
+ protected:
+  // Views input x (a static shape) and runs the op's input checks (input_checks.h).
+  absl::Status Prepare(tensorflow::XlaOpKernelContext* ctx, XlaView* view) const {
+    TF_RETURN_IF_ERROR(MakeView(ctx, Io::kX, this->attrs_.axis, view));
+    absl::Status status;
+    auto shape_of = [ctx, &status](int index) {
+      tensorflow::TensorShape shape;
+      status.Update(InputShape(ctx, index, &shape));
+      return shape;
+    };
+    int axis;
+    TF_RETURN_IF_ERROR(CheckInputs<Io>(this->attrs_, shape_of, &axis));
+    return status;
+  }
+};
 
 // ---- Epilogue (activation after an optional residual add). ----
-enum class Activation { kIdentity, kRelu, kRelu6, kSilu };
-
-// Reads the `activation` and `has_residual` attributes where the op has them (identity and
-// false otherwise), and checks the activation's name.
-absl::Status ReadEpilogueAttrs(tensorflow::OpKernelConstruction* ctx, Activation* activation,
-                               bool* has_residual);
 
 // act(z) and dy * act'(z), elementwise in z's type (TensorFlow's gradient conventions:
 // relu passes dy where z > 0, relu6 where 0 < z < 6).

@@ -1,23 +1,23 @@
 """Synchronized BatchNorm: statistics of the global batch across tf.distribute replicas.
 
 Each replica computes per-channel partials (count, mean, M2) of its slice; ONE collective
-(an exact all-gather, see split._gather) brings every replica's partials to every replica, and
-the op merges them in replica order
-(Chan's pairwise update), so all replicas get the same bits and the result keeps the
-precision of the data whatever the split. The backward pass all-reduces ONE packed tensor
-of per-channel sums (sum dy, sum dy * (x - mean), and the gradients reaching the returned
-statistics where there are any). A replica with an empty slice contributes count 0.
+(an exact all-gather, see split._gather) brings every replica's partials to every replica,
+and the op merges them in replica order (Chan's pairwise update), so all replicas get the
+same bits and the result keeps the precision of the data however the batch is divided.
+The backward pass all-reduces ONE packed tensor of per-channel sums (sum dy,
+sum dy * (x - mean), and the gradients reaching the returned statistics where there are
+any). A replica with an empty slice contributes count 0.
 
 Used through `tfbn.batch_norm(..., synchronized=True)` and
-`tfbn.BatchNormalization(synchronized=True)`; outside a strategy (or with one replica)
-those run the single-device fused op. The ops run in tfbn.split, which also serves masks
-and batch renormalization on one device.
+`tfbn.BatchNormalization(synchronized=True)`: in a replica context they run
+`tfbn.split.split_batch_norm` with `ctx=replica_context()`; outside a strategy (or with
+one replica) they run the single-device fused op. The split ops also serve masks and
+batch renormalization on one device.
 """
 
 import tensorflow as tf
 
 from ._library import ops as _ops
-from .split import split_batch_norm
 
 
 def replica_context():
@@ -41,19 +41,9 @@ def partial_moments(x, weights=None, *, axis=-1):
 def merge_moments(partials, dtype=tf.float32):
     """Merges [parts, 3, C] or [3 * parts, C] partials in part order.
 
-    Returns (mean, variance, mean_residual, count): mean and the biased variance in
-    `dtype` (NaN where count is 0), mean_residual = mean - dtype(mean) for the apply step,
+    Returns (mean, variance, mean_lo, count): mean and the biased variance in
+    `dtype` (NaN where count is 0), mean_lo = mean - dtype(mean) for the apply step,
     count (float64) the elements per channel.
     """
     return _ops.tfbn_batch_norm_merge_stats(partials, U=dtype)
 
-
-def sync_batch_norm(x, scale, offset, *, axis, epsilon, ctx, weights=None, correction=None):
-    """Training-mode BatchNorm of x with the statistics of all replicas in `ctx`.
-
-    Same arguments and results as `tfbn.batch_norm(..., training=True)` (validated
-    there): returns (y, global batch mean, global biased batch variance). weights and
-    correction: as `tfbn.split.split_batch_norm` (masks, batch renormalization).
-    """
-    return split_batch_norm(x, scale, offset, axis=axis, epsilon=epsilon, ctx=ctx,
-                            weights=weights, correction=correction)

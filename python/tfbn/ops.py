@@ -44,10 +44,18 @@ def _check_epsilon(epsilon):
     return eps
 
 
-# The fused epilogue's activations: accepted names -> the op's attribute value.
+def _op_activations():
+    """The activation attribute's values: the names of cc/core/activation.h."""
+    from tensorflow.python.framework import op_def_registry
+
+    attr = next(a for a in op_def_registry.get("TfbnBatchNorm").attr if a.name == "activation")
+    return [tf.compat.as_str(name) for name in attr.allowed_values.list.s]
+
+
+# The fused epilogue's activations: accepted names -> the op's attribute value. Besides
+# the op's names: None, and Keras' other spellings 'linear' and 'swish'.
 _ACTIVATIONS = {
-    None: "identity", "linear": "identity", "identity": "identity", "relu": "relu",
-    "relu6": "relu6", "silu": "silu", "swish": "silu",
+    None: "identity", "linear": "identity", **{n: n for n in _op_activations()}, "swish": "silu",
 }
 
 
@@ -56,9 +64,10 @@ def canonical_activation(activation, where="tfbn.batch_norm"):
     'swish' is Keras' name for 'silu'); a clear ValueError for anything else."""
     if activation is None or (isinstance(activation, str) and activation in _ACTIVATIONS):
         return _ACTIVATIONS[activation]
+    names = [repr(name) for name in _ACTIVATIONS]
     raise ValueError(
-        f"{where}: activation must be None, 'linear', 'identity', 'relu', 'relu6', 'silu' "
-        f"or 'swish', got activation={activation!r}"
+        f"{where}: activation must be {', '.join(names[:-1])} or {names[-1]}, "
+        f"got activation={activation!r}"
     )
 
 
@@ -177,11 +186,11 @@ def batch_norm(
                 f"(shape {x.shape})"
             )
         if training and synchronized:
-            from . import distributed
+            from . import distributed, split
 
             ctx = distributed.replica_context()
             if ctx is not None:
-                y, batch_mean, batch_variance = distributed.sync_batch_norm(
+                y, batch_mean, batch_variance = split.split_batch_norm(
                     x, scale, offset, axis=axis, epsilon=eps, ctx=ctx
                 )
                 if residual is not None:
@@ -221,7 +230,7 @@ def _present(v):
 
 
 @tf.RegisterGradient("TfbnBatchNorm")
-def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
+def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_mean_lo):
     x, scale, offset, mean, variance, residual = op.inputs
     attrs = _attrs(op)
     keep_dresidual = attrs["has_residual"]
@@ -232,16 +241,17 @@ def _batch_norm_grad(op, dy, d_batch_mean, d_batch_variance, _d_reserve):
     empty = _empty(scale.dtype)
     if attrs["is_training"]:
         # The op's statistics outputs depend on x: their gradients are folded into dx.
+        _, batch_mean, batch_variance, mean_lo = op.outputs
         dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
-            dy, x, scale, op.outputs[1], op.outputs[2], op.outputs[3],
+            dy, x, scale, offset, batch_mean, batch_variance, mean_lo, residual,
             empty if d_batch_mean is None else d_batch_mean,
             empty if d_batch_variance is None else d_batch_variance,
-            offset, residual, **attrs,
+            **attrs,
         )
         return (dx, dscale if keep_dscale else None, doffset if keep_doffset else None,
                 None, None, dresidual if keep_dresidual else None)
     dx, dscale, doffset, dresidual = _ops.tfbn_batch_norm_grad(
-        dy, x, scale, mean, variance, empty, empty, empty, offset, residual, **attrs
+        dy, x, scale, offset, mean, variance, empty, residual, empty, empty, **attrs
     )
     # y = (x - mean) * r * scale + offset with r = rsqrt(variance + eps); the statistics
     # outputs are the inputs passed through.
@@ -326,7 +336,7 @@ def _composite_backward(dy, x, scale, mean, variance, d_mean, d_var, epsilon, ax
 
 @tf.RegisterGradient("TfbnBatchNormGrad")
 def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset, ddresidual):
-    dy, x, scale, mean, variance, _reserve, d_mean, d_var, offset, residual = op.inputs
+    dy, x, scale, offset, mean, variance, _mean_lo, residual, d_mean, d_var = op.inputs
     attrs = _attrs(op)
     training = attrs["is_training"]
     activation = attrs["activation"]
@@ -370,4 +380,4 @@ def _batch_norm_grad_grad(op, ddx, ddscale, ddoffset, ddresidual):
         g_dmean = g_dvar = None
     g_offset = next(grads) if offset is not None else None
     g_residual = next(grads) if residual is not None else None
-    return (g_dy, g_x, g_scale, g_mean, g_var, None, g_dmean, g_dvar, g_offset, g_residual)
+    return (g_dy, g_x, g_scale, g_offset, g_mean, g_var, None, g_residual, g_dmean, g_dvar)

@@ -118,12 +118,12 @@ def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
         o = next(rest) if has_offset else None
         partial = _ops.tfbn_batch_norm_stats(x, w, axis=axis)
         partials = partial if ctx is None else _gather(ctx, partial)
-        mean, variance, residual, count = _ops.tfbn_batch_norm_merge_stats(partials, U=dtype)
-        n_mean, n_var, n_res = mean, variance, residual
+        mean, variance, mean_lo, count = _ops.tfbn_batch_norm_merge_stats(partials, U=dtype)
+        n_mean, n_var, n_lo = mean, variance, mean_lo
         if weights is not None:  # no weight at all: Keras' mean 0, variance 0
             some = count > 0
-            n_mean, n_var, n_res = (tf.where(some, v, tf.zeros_like(v))
-                                    for v in (mean, variance, residual))
+            n_mean, n_var, n_lo = (tf.where(some, v, tf.zeros_like(v))
+                                   for v in (mean, variance, mean_lo))
         s_eff, o_eff = s, o
         if correction is not None:
             r, d = correction(n_mean, n_var)
@@ -133,11 +133,11 @@ def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
             o_eff = o_eff if o is None else o_eff + o
         y = _ops.tfbn_batch_norm_apply(
             x, empty if s_eff is None else s_eff, empty if o_eff is None else o_eff,
-            n_mean, n_var, n_res, epsilon=epsilon, axis=axis,
+            n_mean, n_var, n_lo, epsilon=epsilon, axis=axis,
         )
 
         def kernel_grad(dy, d_mean, d_variance):
-            local = _ops.tfbn_batch_norm_grad_sums(dy, x, n_mean, n_res, axis=axis)
+            local = _ops.tfbn_batch_norm_grad_sums(dy, x, n_mean, n_lo, axis=axis)
             d_mean, d_variance = _nonzero(d_mean), _nonzero(d_variance)
             packed = [local]
             if d_mean is not None or d_variance is not None:
@@ -152,7 +152,7 @@ def split_batch_norm(x, scale, offset, *, axis, epsilon, ctx=None, weights=None,
             packed = tf.concat(packed, axis=0) if len(packed) > 1 else local
             total = packed if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed)
             dx, dscale, doffset = _ops.tfbn_batch_norm_grad_apply(
-                dy, x, empty if s_eff is None else s_eff, n_mean, n_var, n_res, local, total,
+                dy, x, empty if s_eff is None else s_eff, n_mean, n_var, n_lo, local, total,
                 count, w, epsilon=epsilon, axis=axis,
             )
             if correction is not None and has_scale:

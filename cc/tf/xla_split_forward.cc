@@ -1,11 +1,9 @@
 // XLA lowerings of the split op family's forward pieces: TfbnBatchNormStats (optionally
 // weighted), TfbnBatchNormMergeStats, TfbnBatchNormApply. Restate PartialMoments,
 // MergeMoments + FinalizeMoments and ApplyStatistics of cc/core in HLO; see xla_view.h.
-#include "absl/strings/str_cat.h"
 #include "tensorflow/compiler/tf2xla/type_util.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tf/xla_registration.h"
-#include "tf/validation.h"
 #include "tf/xla_view.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
 #include "xla/hlo/builder/lib/constants.h"
@@ -14,78 +12,66 @@ namespace tfbn {
 namespace {
 
 using tensorflow::OpKernelConstruction;
-using tensorflow::XlaOpKernel;
 using tensorflow::XlaOpKernelContext;
 
-constexpr int kWeights = 1;  // Stats' input appended for masks (absent in older versions)
-
-class StatsXlaOp : public XlaOpKernel {
+class StatsXlaOp : public TfbnXlaOpKernel<StatsIo> {
  public:
-  explicit StatsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-  }
+  using TfbnXlaOpKernel::TfbnXlaOpKernel;
 
   void Compile(XlaOpKernelContext* ctx) override {
     XlaView v;
-    OP_REQUIRES_OK(ctx, MakeView(ctx, 0, axis_, &v));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &v));
     xla::XlaBuilder* b = ctx->builder();
     const int64_t C = v.channels;
     const xla::XlaOp zeros = xla::Broadcast(xla::Zero(b, xla::F64), {C});
     xla::XlaOp count, mean, m2;
     if (v.per_channel() == 0) {  // an empty slice contributes nothing: 0, 0, 0
       count = mean = m2 = zeros;
-    } else if (HasInput(ctx, kWeights)) {
+    } else if (HasInput(ctx, In::kWeights)) {
       // Weighted: count = sum w, mean = sum w*x / count, M2 = sum w*(x - mean)^2; a slice
       // whose weights sum to zero contributes 0, 0, 0.
-      OP_REQUIRES_OK(ctx, CheckWeights(ctx, kWeights, v));
-      const xla::XlaOp w2 = Weights2d(ctx, kWeights, v, xla::F64);
+      const xla::XlaOp w2 = Weights2d(ctx, In::kWeights, v, xla::F64);
       const xla::XlaOp w3 = xla::BroadcastInDim(w2, v.dims(), {0, 2});
       const xla::XlaOp total = xla::Reduce(w2, xla::Zero(b, xla::F64),
                                            xla::CreateScalarAddComputation(xla::F64, b), {0, 1});
-      const xla::XlaOp x3 = To3d(ctx->Input(0), v, xla::F64);
+      const xla::XlaOp x3 = To3d(ctx->Input(In::kX), v, xla::F64);
       count = xla::Broadcast(total, {C});
       const xla::XlaOp some = xla::Gt(count, zeros);
       mean = xla::Select(some, xla::Div(SumPerChannel(xla::Mul(w3, x3)), count), zeros);
       const xla::XlaOp xc = xla::Sub(x3, PerChannel(mean, v));
       m2 = xla::Select(some, SumPerChannel(xla::Mul(w3, xla::Mul(xc, xc))), zeros);
     } else {
-      const xla::XlaOp x3 = To3d(ctx->Input(0), v, xla::F64);
+      const xla::XlaOp x3 = To3d(ctx->Input(In::kX), v, xla::F64);
       count = xla::Broadcast(Scalar(b, xla::F64, static_cast<double>(v.per_channel())), {C});
       mean = xla::Div(SumPerChannel(x3), count);
       const xla::XlaOp xc = xla::Sub(x3, PerChannel(mean, v));
       m2 = SumPerChannel(xla::Mul(xc, xc));
     }
-    ctx->SetOutput(0, xla::ConcatInDim(b, {xla::Reshape(count, {1, C}), xla::Reshape(mean, {1, C}),
-                                          xla::Reshape(m2, {1, C})},
-                                       0));
+    ctx->SetOutput(In::kPartial,
+                   xla::ConcatInDim(b, {xla::Reshape(count, {1, C}), xla::Reshape(mean, {1, C}),
+                                        xla::Reshape(m2, {1, C})},
+                                    0));
   }
-
- private:
-  int axis_ = -1;
 };
 
-class MergeStatsXlaOp : public XlaOpKernel {
+class MergeStatsXlaOp : public TfbnXlaOpKernel<MergeStatsIo> {
  public:
-  explicit MergeStatsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+  explicit MergeStatsXlaOp(OpKernelConstruction* ctx) : TfbnXlaOpKernel(ctx) {
     tensorflow::DataType u;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("U", &u));
     OP_REQUIRES_OK(ctx, tensorflow::DataTypeToPrimitiveType(u, &u_));
   }
 
   void Compile(XlaOpKernelContext* ctx) override {
-    auto shape = ctx->InputXlaShape(0);
-    OP_REQUIRES_OK(ctx, shape.status());
-    const auto dims = shape->dimensions();
-    const int rank = dims.size();
-    const bool ok = (rank == 3 && dims[1] == 3) || (rank == 2 && dims[0] % 3 == 0);
-    OP_REQUIRES(ctx, ok,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "tfbn: partials must be [parts, 3, C] or [3 * parts, C] (rows count, "
-                    "mean, M2), got shape ", shape->ToString())));
-    const int64_t C = dims[rank - 1];
-    const int64_t parts = rank == 3 ? dims[0] : dims[0] / 3;
+    tensorflow::TensorShape shape;
+    OP_REQUIRES_OK(ctx, InputShape(ctx, In::kPartials, &shape));
+    const int rank = shape.dims();
+    OP_REQUIRES_OK(ctx, CheckPartials(rank, rank >= 2 ? shape.dim_size(rank - 2) : -1,
+                                      shape.DebugString()));
+    const int64_t C = shape.dim_size(rank - 1);
+    const int64_t parts = rank == 3 ? shape.dim_size(0) : shape.dim_size(0) / kPartialRows;
     xla::XlaBuilder* b = ctx->builder();
-    const xla::XlaOp p = xla::Reshape(ctx->Input(0), {parts, 3, C});
+    const xla::XlaOp p = xla::Reshape(ctx->Input(In::kPartials), {parts, kPartialRows, C});
     auto row = [&](int64_t part, int64_t r) {
       return xla::Reshape(xla::Slice(p, {part, r, 0}, {part + 1, r + 1, C}, {1, 1, 1}), {C});
     };
@@ -110,48 +96,39 @@ class MergeStatsXlaOp : public XlaOpKernel {
     const xla::XlaOp nan = xla::Broadcast(xla::NanValue(b, xla::F64), {C});
     const xla::XlaOp mu = xla::Select(some, mean, nan);
     const xla::XlaOp hi = xla::ConvertElementType(mu, u_);
-    ctx->SetOutput(0, hi);
-    ctx->SetOutput(1, xla::ConvertElementType(xla::Select(some, xla::Div(m2, n), nan), u_));
-    ctx->SetOutput(2, xla::ConvertElementType(
-                          xla::Sub(mu, xla::ConvertElementType(hi, xla::F64)), u_));
-    ctx->SetOutput(3, n);
+    ctx->SetOutput(In::kMean, hi);
+    ctx->SetOutput(In::kVariance,
+                   xla::ConvertElementType(xla::Select(some, xla::Div(m2, n), nan), u_));
+    ctx->SetOutput(In::kMeanLo, xla::ConvertElementType(
+                                    xla::Sub(mu, xla::ConvertElementType(hi, xla::F64)), u_));
+    ctx->SetOutput(In::kCount, n);
   }
 
  private:
   xla::PrimitiveType u_ = xla::F32;
 };
 
-class ApplyXlaOp : public XlaOpKernel {
+class ApplyXlaOp : public TfbnXlaOpKernel<ApplyIo> {
  public:
-  explicit ApplyXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadCommonAttrs(ctx, &axis_, &epsilon_));
-  }
+  using TfbnXlaOpKernel::TfbnXlaOpKernel;
 
   void Compile(XlaOpKernelContext* ctx) override {
     XlaView v;
-    OP_REQUIRES_OK(ctx, MakeView(ctx, 0, axis_, &v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 1, "scale", true, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 2, "offset", true, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 3, "mean", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 4, "variance", false, v));
-    OP_REQUIRES_OK(ctx, CheckVector(ctx, 5, "mean_residual", true, v));
-    xla::XlaBuilder* b = ctx->builder();
-    const xla::PrimitiveType T = ctx->input_xla_type(0), U = ctx->input_xla_type(3);
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &v));
+    const xla::PrimitiveType T = ctx->input_xla_type(In::kX);
+    const xla::PrimitiveType U = ctx->input_xla_type(In::kMean);
     const int64_t C = v.channels;
-    const xla::XlaOp inv_std =
-        InverseStd(xla::ConvertElementType(ctx->Input(4), xla::F64), epsilon_);
-    const xla::XlaOp a =
-        xla::ConvertElementType(xla::Mul(inv_std, VectorOr(ctx, 1, 1.0, xla::F64, C)), U);
-    const xla::XlaOp x3 = To3d(ctx->Input(0), v, U);
-    const xla::XlaOp y = xla::Add(
-        xla::Mul(Centred(x3, ctx->Input(3), VectorOr(ctx, 5, 0.0, U, C), v), PerChannel(a, v)),
-        PerChannel(VectorOr(ctx, 2, 0.0, U, C), v));
-    ctx->SetOutput(0, FromView(y, v, T));
+    const xla::XlaOp inv_std = InverseStd(
+        xla::ConvertElementType(ctx->Input(In::kVariance), xla::F64), attrs_.args.epsilon);
+    const xla::XlaOp a = xla::ConvertElementType(
+        xla::Mul(inv_std, VectorOr(ctx, In::kScale, 1.0, xla::F64, C)), U);
+    const xla::XlaOp x3 = To3d(ctx->Input(In::kX), v, U);
+    const xla::XlaOp centred =
+        Centred(x3, ctx->Input(In::kMean), VectorOr(ctx, In::kMeanLo, 0.0, U, C), v);
+    const xla::XlaOp y = xla::Add(xla::Mul(centred, PerChannel(a, v)),
+                                  PerChannel(VectorOr(ctx, In::kOffset, 0.0, U, C), v));
+    ctx->SetOutput(In::kY, FromView(y, v, T));
   }
-
- private:
-  int axis_ = -1;
-  float epsilon_ = 1e-3f;
 };
 
 TFBN_REGISTER_XLA_OP("TfbnBatchNormStats", StatsXlaOp);

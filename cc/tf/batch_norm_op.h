@@ -1,0 +1,142 @@
+// The OpKernels of TfbnBatchNorm and TfbnBatchNormGrad, one body for every device: check
+// the inputs, allocate the outputs, gather the tensors' data, then hand them to the
+// device's Launcher, a policy with
+//   static absl::Status Forward(OpKernelContext*, const Layout&, const ForwardData<T, U>&,
+//                               const ForwardArgs&);
+//   static absl::Status Backward(OpKernelContext*, const Layout&,
+//                                const BackwardData<T, U>&, const ForwardArgs&);
+//   static constexpr bool kDxMayTakeX;  // whether dx may take over x's buffer
+// (CpuLauncher in batch_norm_kernels.cc, GpuLauncher in batch_norm_kernels_gpu.cc).
+#pragma once
+
+#include <initializer_list>
+#include <type_traits>
+#include <vector>
+
+#include "core/batch_norm.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tf/op_kernel_base.h"
+
+namespace tfbn {
+
+// The forward's tensors as the core takes them (nullptr: not given).
+template <typename T, typename U>
+struct ForwardData {
+  const T* x;
+  const U *scale, *offset, *mean, *variance;
+  const T* residual;
+  T* y;
+  U *batch_mean, *batch_variance, *mean_lo;
+};
+
+// The gradient's tensors as the core takes them (nullptr: not given, or not wanted).
+template <typename T, typename U>
+struct BackwardData {
+  const T *dy, *x;
+  const U *scale, *offset, *mean, *variance, *mean_lo;
+  const T* residual;
+  const U *d_batch_mean, *d_batch_variance;
+  T *dx, *dresidual;
+  U *dscale, *doffset;
+};
+
+template <typename Launcher, typename T, typename U>
+class BatchNormOp : public TfbnOpKernel<BatchNormIo> {
+ public:
+  using TfbnOpKernel::TfbnOpKernel;
+
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    Layout layout;
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout));
+    // y may take over x's or the residual's buffer: every element is read before it is
+    // written.
+    tensorflow::Tensor *y, *batch_mean, *batch_variance, *mean_lo;
+    const tensorflow::TensorShape channels({layout.channels});
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            attrs_.has_residual ? std::initializer_list<int>{In::kX, In::kResidual}
+                                                : std::initializer_list<int>{In::kX},
+                            In::kY, Get(ctx, In::kX).shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchMean, channels, &batch_mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchVariance, channels, &batch_variance));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kMeanLo, channels, &mean_lo));
+    const ForwardData<T, U> data{
+        Data<T>(ctx, In::kX),
+        DataOrNull<U>(ctx, In::kScale),
+        DataOrNull<U>(ctx, In::kOffset),
+        DataOrNull<U>(ctx, In::kMean),
+        DataOrNull<U>(ctx, In::kVariance),
+        attrs_.has_residual ? Data<T>(ctx, In::kResidual) : nullptr,
+        y->flat<T>().data(),
+        batch_mean->flat<U>().data(),
+        batch_variance->flat<U>().data(),
+        mean_lo->flat<U>().data()};
+    OP_REQUIRES_OK(ctx, Launcher::Forward(ctx, layout, data, attrs_.args));
+  }
+};
+
+template <typename Launcher, typename T, typename U>
+class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
+ public:
+  using TfbnOpKernel::TfbnOpKernel;
+
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    const tensorflow::Tensor& dy = Get(ctx, In::kDy);
+    const tensorflow::Tensor& x = Get(ctx, In::kX);
+    Layout layout;
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &layout));
+    const bool has_residual = attrs_.has_residual;
+    // With identity, dresidual is dy itself (dz = dy): the output shares dy's buffer, so dx
+    // must not take it over.
+    const bool dresidual_is_dy = has_residual && attrs_.args.activation == Activation::kIdentity;
+    tensorflow::Tensor *dx, *dscale, *doffset, *dresidual = nullptr;
+    // Outputs take over inputs no one else holds (a real network's dy, often x): each
+    // element is read before it is written (dresidual by the sums pass over dy and the
+    // residual, dx by the last pass over x, dy or dresidual).
+    auto allocate_dx = [&](bool may_take_dy) {
+      std::vector<int> candidates;
+      if (may_take_dy) candidates.push_back(In::kDy);
+      if (Launcher::kDxMayTakeX) candidates.push_back(In::kX);
+      return ctx->forward_input_or_allocate_output(candidates, In::kDx, x.shape(), &dx);
+    };
+    if (dresidual_is_dy) {
+      OP_REQUIRES_OK(ctx, allocate_dx(false));
+      ctx->set_output(In::kDResidual, dy);
+    } else if (has_residual) {
+      // float16/bfloat16: the last pass reads dy and the residual again (it recomputes dz
+      // in float), so dresidual may not take over either of them.
+      if (std::is_same_v<T, U>)
+        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                                {In::kDy, In::kResidual}, In::kDResidual, x.shape(), &dresidual));
+      else
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDResidual, x.shape(), &dresidual));
+      OP_REQUIRES_OK(ctx, allocate_dx(dresidual->data() != dy.data()));
+    } else {
+      OP_REQUIRES_OK(ctx, allocate_dx(true));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDResidual, tensorflow::TensorShape({0}),
+                                               &dresidual));
+    }
+    const tensorflow::TensorShape channels({layout.channels});
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDScale, channels, &dscale));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDOffset, channels, &doffset));
+    const bool residual_in = has_residual && !dresidual_is_dy;
+    const BackwardData<T, U> data{
+        dy.flat<T>().data(),
+        x.flat<T>().data(),
+        DataOrNull<U>(ctx, In::kScale),
+        DataOrNull<U>(ctx, In::kOffset),
+        Data<U>(ctx, In::kMean),
+        Data<U>(ctx, In::kVariance),
+        DataOrNull<U>(ctx, In::kMeanLo),
+        residual_in ? Data<T>(ctx, In::kResidual) : nullptr,
+        DataOrNull<U>(ctx, In::kDBatchMean),
+        DataOrNull<U>(ctx, In::kDBatchVariance),
+        dx->flat<T>().data(),
+        residual_in ? dresidual->flat<T>().data() : nullptr,
+        dscale->flat<U>().data(),
+        doffset->flat<U>().data()};
+    OP_REQUIRES_OK(ctx, Launcher::Backward(ctx, layout, data, attrs_.args));
+  }
+};
+
+}  // namespace tfbn
