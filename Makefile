@@ -8,8 +8,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # What `make lint` checks. LINT_PY_EXCLUDE: Python files not yet brought to the ruff
 # rules (comma-separated); LINT_CC: folders whose C++/CUDA must match .clang-format.
-LINT_PY_EXCLUDE ?= python/tfbn/__init__.py,python/tfbn/ops.py,python/tfbn/split.py,python/tfbn/layers.py,python/tfbn/distributed.py,benchmarks/e2e_resnet.py
-LINT_CC ?=
+LINT_PY_EXCLUDE ?=
+LINT_CC ?= cc
 
 .PHONY: all install xla-deps lint test bench docs clean
 

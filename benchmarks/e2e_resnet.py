@@ -55,9 +55,9 @@ def _models(with_tfbn_op):
 
 
 def _count(model):
-    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [lyr for lyr in model.layers if isinstance(lyr, keras.layers.BatchNormalization)]
     return {"batch_norm_layers": len(bns),
-            "fused": sum(getattr(l, "activation", None) is not None for l in bns)}
+            "fused": sum(getattr(lyr, "activation", None) is not None for lyr in bns)}
 
 
 CONV_SHAPE = (16, 28, 28, 256)  # a ResNet-50 stage-3 activation at 112x112 input, NHWC

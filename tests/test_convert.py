@@ -23,11 +23,11 @@ def _randomize_statistics(model, seed=0):
 
 
 def _all_layers(model):
-    return [l for l in model._flatten_layers(include_self=False)]
+    return [lyr for lyr in model._flatten_layers(include_self=False)]
 
 
 def _bns(model):
-    return [l for l in _all_layers(model) if isinstance(l, L.BatchNormalization)]
+    return [lyr for lyr in _all_layers(model) if isinstance(lyr, L.BatchNormalization)]
 
 
 def _rel(a, b):
@@ -66,21 +66,21 @@ def _x(rng, shape=(4, 8, 8, 3)):
 def test_patterns_fuse_and_outputs_match(block_model, rng):
     converted = tfbn.convert(block_model)
     bns = _bns(converted)
-    assert all(isinstance(l, tfbn.BatchNormalization) for l in bns) and len(bns) == 6
-    acts = {l.name: l.activation for l in bns}
-    names = [l.name for l in _bns(block_model)]
+    assert all(isinstance(lyr, tfbn.BatchNormalization) for lyr in bns) and len(bns) == 6
+    acts = {lyr.name: lyr.activation for lyr in bns}
+    names = [lyr.name for lyr in _bns(block_model)]
     assert [acts[n] for n in names] == ["relu", "relu", "silu", None, "relu6", None]
     # Fused layers replaced 4 activations and 2 adds; the model output g stays unfused.
     assert len(converted.layers) == len(block_model.layers) - 6
-    assert sum(isinstance(l, L.Add) for l in converted.layers) == 0
-    assert all(isinstance(l, tfbn.BatchNormalization) or not isinstance(l, L.BatchNormalization)
-               for l in converted.layers)
+    assert sum(isinstance(lyr, L.Add) for lyr in converted.layers) == 0
+    assert all(isinstance(lyr, tfbn.BatchNormalization) or not isinstance(lyr, L.BatchNormalization)
+               for lyr in converted.layers)
     x = _x(rng)
     for training in (False, True):
         for got, want in zip(converted(x, training=training), block_model(x, training=training)):
             assert _rel(got, want) < 1e-5, training
     unfused = tfbn.convert(block_model, fuse_epilogue=False)
-    assert [l.activation for l in _bns(unfused)] == [None] * 6
+    assert [lyr.activation for lyr in _bns(unfused)] == [None] * 6
     assert len(unfused.layers) == len(block_model.layers)
 
 
@@ -108,8 +108,8 @@ def _gradients(model, x, dy_seed=11):
         rng = np.random.default_rng(dy_seed)
         loss = sum(tf.reduce_sum(o * rng.standard_normal(o.shape).astype(o.dtype.name))
                    for o in outputs)
-    variables = {f"{l.name}/{v.name}": v for l in _all_layers(model)
-                 for v in l._trainable_variables}
+    variables = {f"{lyr.name}/{v.name}": v for lyr in _all_layers(model)
+                 for v in lyr._trainable_variables}
     grads = tape.gradient(loss, [x] + list(variables.values()))
     return {"x": grads[0], **dict(zip(variables, grads[1:]))}
 
@@ -139,9 +139,9 @@ def test_training_gradients_match(block_model, rng):
 def test_convert_back_to_keras(block_model, rng):
     converted = tfbn.convert(block_model)
     back = tfbn.convert(converted, to="keras")
-    assert not any(isinstance(l, tfbn.BatchNormalization) for l in _all_layers(back))
+    assert not any(isinstance(lyr, tfbn.BatchNormalization) for lyr in _all_layers(back))
     assert len(back.layers) == len(block_model.layers)
-    types = lambda m: sorted(type(l).__name__ for l in m.layers)  # noqa: E731
+    types = lambda m: sorted(type(lyr).__name__ for lyr in m.layers)  # noqa: E731
     assert types(back) == sorted(t.replace("ReLU", "Activation") for t in types(block_model))
     for layer in _bns(block_model):
         for a, b in zip(layer.get_weights(), back.get_layer(layer.name).get_weights()):
@@ -160,11 +160,11 @@ def test_sequential_round_trip(rng):
     _randomize_statistics(model)
     converted = tfbn.convert(model)
     assert isinstance(converted, keras.Sequential)
-    assert [type(l).__name__ for l in converted.layers] == [
+    assert [type(lyr).__name__ for lyr in converted.layers] == [
         "Dense", "BatchNormalization", "Dense", "BatchNormalization", "Dense"]
-    assert [l.activation for l in _bns(converted)] == ["relu6", None]
+    assert [lyr.activation for lyr in _bns(converted)] == ["relu6", None]
     back = tfbn.convert(converted, to="keras")
-    assert [type(l).__name__ for l in back.layers] == [
+    assert [type(lyr).__name__ for lyr in back.layers] == [
         "Dense", "BatchNormalization", "Activation", "Dense", "BatchNormalization", "Dense"]
     x = rng.standard_normal((7, 5)).astype(np.float32)
     for training in (False, True):  # each call with training=True moves the statistics once
@@ -179,7 +179,7 @@ def test_sequential_keeps_its_input_dtype(rng):
     _randomize_statistics(model)
     converted = tfbn.convert(model)
     assert converted.inputs[0].dtype == "int32"
-    assert [type(l).__name__ for l in converted.layers] == ["Embedding", "BatchNormalization"]
+    assert [type(lyr).__name__ for lyr in converted.layers] == ["Embedding", "BatchNormalization"]
     x = rng.integers(0, 10, (5, 4)).astype(np.int32)
     assert _rel(converted(x, training=False), model(x, training=False)) < 1e-6
 
@@ -199,7 +199,7 @@ def test_nested_model_and_shared_layers(rng):
     converted = tfbn.convert(model)
     new_inner = converted.get_layer("inner")
     assert isinstance(new_inner, keras.Model) and new_inner is not inner
-    assert [l.activation for l in _bns(new_inner)] == ["relu"]
+    assert [lyr.activation for lyr in _bns(new_inner)] == ["relu"]
     shared = converted.get_layer("shared_bn")
     assert isinstance(shared, tfbn.BatchNormalization) and shared.activation is None
     assert len(converted.weights) == len(model.weights)  # sharing kept: no extra copies
@@ -207,7 +207,7 @@ def test_nested_model_and_shared_layers(rng):
     for training in (False, True):
         assert _rel(converted(x, training=training), model(x, training=training)) < 1e-5
     back = tfbn.convert(converted, to="keras")
-    assert not any(isinstance(l, tfbn.BatchNormalization) for l in _all_layers(back))
+    assert not any(isinstance(lyr, tfbn.BatchNormalization) for lyr in _all_layers(back))
     assert _rel(back(x, training=False), model(x, training=False)) < 1e-5
 
 
@@ -243,21 +243,21 @@ def resnet50():
 def test_resnet50_convert_and_back(resnet50, rng):
     converted = tfbn.convert(resnet50)
     bns = _bns(converted)
-    assert len(bns) == 53 and all(isinstance(l, tfbn.BatchNormalization) for l in bns)
-    fused = [l for l in bns if l.activation == "relu"]
+    assert len(bns) == 53 and all(isinstance(lyr, tfbn.BatchNormalization) for lyr in bns)
+    fused = [lyr for lyr in bns if lyr.activation == "relu"]
     # The stem and two per block (BN -> relu), and each block's tail (BN -> add -> relu);
     # in the 4 blocks with a projection shortcut one of the add's two BNs fuses.
     assert len(fused) == 1 + 2 * 16 + 16
     assert len(converted.layers) == len(resnet50.layers) - 49 - 16
     # An Add of two BatchNormalizations (the blocks with a projection shortcut) fuses the
     # first in execution order, the shortcut's; the main path's is its residual.
-    unfused = {l.name for l in bns if l.activation is None}
+    unfused = {lyr.name for lyr in bns if lyr.activation is None}
     assert unfused == {f"conv{s}_block1_3_bn" for s in range(2, 6)}
     x = _x(rng, (4, 32, 32, 3))
     assert _rel(converted(x, training=False), resnet50(x, training=False)) < 1e-5
     back = tfbn.convert(converted, to="keras")
     assert len(back.layers) == len(resnet50.layers)
-    assert not any(isinstance(l, tfbn.BatchNormalization) for l in back.layers)
+    assert not any(isinstance(lyr, tfbn.BatchNormalization) for lyr in back.layers)
     for layer in _bns(resnet50):
         for a, b in zip(layer.get_weights(), back.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(a, b)
@@ -278,7 +278,7 @@ def test_resnet50_training_gradients_match_in_float64(rng):
         keras.config.set_dtype_policy("float32")
     _randomize_statistics(model)
     converted = tfbn.convert(model)
-    assert sum(l.activation is not None for l in _bns(converted)) == 49
+    assert sum(lyr.activation is not None for lyr in _bns(converted)) == 49
     x = rng.standard_normal((4, 32, 32, 3))
     got, want = _gradients(converted, x), _gradients(model, x)
     assert len(want) == 1 + 53 * 2 + 53 * 2 + 2
@@ -291,13 +291,13 @@ def test_mobilenet_v2_convert_and_back(rng):
                                            classifier_activation=None)
     _randomize_statistics(model)
     converted = tfbn.convert(model)
-    acts = [l.activation for l in _bns(converted)]
-    assert len(acts) == 52 and all(isinstance(l, tfbn.BatchNormalization)
-                                   for l in _bns(converted))
+    acts = [lyr.activation for lyr in _bns(converted)]
+    assert len(acts) == 52 and all(isinstance(lyr, tfbn.BatchNormalization)
+                                   for lyr in _bns(converted))
     # BN -> ReLU(6) after the stem, every expansion and depthwise conv and the head; the
     # projections of the 10 blocks with a skip connection fuse their add.
     assert acts.count("relu6") == 35 and acts.count(None) == 17
-    assert sum(isinstance(l, L.Add) for l in converted.layers) == 0
+    assert sum(isinstance(lyr, L.Add) for lyr in converted.layers) == 0
     x = _x(rng, (2, 32, 32, 3))
     assert _rel(converted(x, training=False), model(x, training=False)) < 1e-5
     back = tfbn.convert(converted, to="keras")

@@ -187,9 +187,9 @@ def test_keras_file_keeps_tfbn_layers_and_inference_op(rng, tmp_path):
     model = _trained(rng, inference_op="tfbn")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    bns = [l for l in loaded.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert bns and all(isinstance(l, tfbn.BatchNormalization) for l in bns)
-    assert {l.inference_op for l in bns} == {"tfbn"}
+    bns = [lyr for lyr in loaded.layers if isinstance(lyr, keras.layers.BatchNormalization)]
+    assert bns and all(isinstance(lyr, tfbn.BatchNormalization) for lyr in bns)
+    assert {lyr.inference_op for lyr in bns} == {"tfbn"}
     x = rng.standard_normal((3,) + SHAPE).astype(np.float32)
     np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
     assert "inference_op" not in tfbn.BatchNormalization().get_config()

@@ -17,9 +17,9 @@ struct CpuLauncher {
   template <typename T, typename U>
   static absl::Status Forward(tensorflow::OpKernelContext* ctx, const Layout& layout,
                               const ForwardData<T, U>& d, const ForwardArgs& args) {
-    BatchNormForwardEpilogue<T, U>(layout, d.x, d.scale, d.offset, d.mean, d.variance,
-                                   d.residual, args, d.y, d.batch_mean, d.batch_variance,
-                                   d.mean_lo, IntraOpParallelFor(ctx));
+    BatchNormForwardEpilogue<T, U>(layout, d.x, d.scale, d.offset, d.mean, d.variance, d.residual,
+                                   args, d.y, d.batch_mean, d.batch_variance, d.mean_lo,
+                                   IntraOpParallelFor(ctx));
     return absl::OkStatus();
   }
 
@@ -27,9 +27,9 @@ struct CpuLauncher {
   static absl::Status Backward(tensorflow::OpKernelContext* ctx, const Layout& layout,
                                const BackwardData<T, U>& d, const ForwardArgs& args) {
     BatchNormBackwardEpilogue<T, U>(layout, d.dy, d.x, d.scale, d.offset, d.residual, d.mean,
-                                    d.mean_lo, d.variance, d.d_batch_mean,
-                                    d.d_batch_variance, args, d.dx, d.dresidual, d.dscale,
-                                    d.doffset, IntraOpParallelFor(ctx));
+                                    d.mean_lo, d.variance, d.d_batch_mean, d.d_batch_variance, args,
+                                    d.dx, d.dresidual, d.dscale, d.doffset,
+                                    IntraOpParallelFor(ctx));
     return absl::OkStatus();
   }
 };
@@ -44,7 +44,7 @@ using MismatchedForward = MismatchedDtypesOp<BatchNormIo>;
 template <typename T, typename U>
 using MismatchedGrad = MismatchedDtypesOp<BatchNormGradIo>;
 
-#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                              \
+#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                               \
   TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_CPU, T, U, FORWARD<T, U>); \
   TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_CPU, T, U, GRAD<T, U>);
 #define TFBN_REGISTER_PAIR(T, U) TFBN_REGISTER_CPU(T, U, CpuForward, CpuGrad)

@@ -45,10 +45,9 @@ absl::Status AllocateWorkspace(tensorflow::OpKernelContext* ctx, size_t bytes,
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
   if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("tfbn: ", what, " failed to launch on the GPU: ",
-                                          cuda::ErrorString(error), " (CUDA runtime ",
-                                          cuda::RuntimeVersion(), ", driver ",
-                                          cuda::DriverVersion(), ")"));
+  return absl::InternalError(absl::StrCat(
+      "tfbn: ", what, " failed to launch on the GPU: ", cuda::ErrorString(error), " (CUDA runtime ",
+      cuda::RuntimeVersion(), ", driver ", cuda::DriverVersion(), ")"));
 }
 
 // Registered for ops without an epilogue only (below); this says so should that change.
@@ -71,8 +70,8 @@ struct GpuLauncher {
     tensorflow::Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
     return LaunchStatus(
-        cuda::BatchNormForward(kDType<T>, layout, d.x, d.scale, d.offset, d.mean, d.variance,
-                               args, d.y, d.batch_mean, d.batch_variance, d.mean_lo,
+        cuda::BatchNormForward(kDType<T>, layout, d.x, d.scale, d.offset, d.mean, d.variance, args,
+                               d.y, d.batch_mean, d.batch_variance, d.mean_lo,
                                workspace.flat<int8_t>().data(), bytes, OpStream(ctx)),
         "TfbnBatchNorm");
   }
@@ -84,12 +83,11 @@ struct GpuLauncher {
     const size_t bytes = cuda::BackwardWorkspaceBytes(kDType<T>, layout);
     tensorflow::Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, bytes, &workspace));
-    return LaunchStatus(
-        cuda::BatchNormBackward(kDType<T>, layout, d.dy, d.x, d.scale, d.mean, d.mean_lo,
-                                d.variance, d.d_batch_mean, d.d_batch_variance, args, d.dx,
-                                d.dscale, d.doffset, workspace.flat<int8_t>().data(), bytes,
-                                OpStream(ctx)),
-        "TfbnBatchNormGrad");
+    return LaunchStatus(cuda::BatchNormBackward(
+                            kDType<T>, layout, d.dy, d.x, d.scale, d.mean, d.mean_lo, d.variance,
+                            d.d_batch_mean, d.d_batch_variance, args, d.dx, d.dscale, d.doffset,
+                            workspace.flat<int8_t>().data(), bytes, OpStream(ctx)),
+                        "TfbnBatchNormGrad");
   }
 };
 
@@ -101,15 +99,15 @@ using GpuGrad = BatchNormGradOp<GpuLauncher, T, U>;
 // The epilogue (activation, residual) has CPU kernels only so far: these kernels take the
 // plain op alone, so TensorFlow places an op with an epilogue on the CPU.
 const char* const kNoActivation = ActivationName(Activation::kIdentity);
-#define TFBN_REGISTER_GPU(OP, T, U, KERNEL)                                    \
-  REGISTER_KERNEL_BUILDER(Name(OP)                                             \
-                              .Device(tensorflow::DEVICE_GPU)                  \
-                              .TypeConstraint<T>("T")                          \
-                              .TypeConstraint<U>("U")                          \
-                              .AttrConstraint("activation", kNoActivation)     \
-                              .AttrConstraint("has_residual", false),          \
+#define TFBN_REGISTER_GPU(OP, T, U, KERNEL)                                \
+  REGISTER_KERNEL_BUILDER(Name(OP)                                         \
+                              .Device(tensorflow::DEVICE_GPU)              \
+                              .TypeConstraint<T>("T")                      \
+                              .TypeConstraint<U>("U")                      \
+                              .AttrConstraint("activation", kNoActivation) \
+                              .AttrConstraint("has_residual", false),      \
                           KERNEL<T, U>);
-#define TFBN_REGISTER_PAIR(T, U)                          \
+#define TFBN_REGISTER_PAIR(T, U)                       \
   TFBN_REGISTER_GPU("TfbnBatchNorm", T, U, GpuForward) \
   TFBN_REGISTER_GPU("TfbnBatchNormGrad", T, U, GpuGrad)
 

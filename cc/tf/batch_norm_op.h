@@ -60,17 +60,16 @@ class BatchNormOp : public TfbnOpKernel<BatchNormIo> {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchMean, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchVariance, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kMeanLo, channels, &mean_lo));
-    const ForwardData<T, U> data{
-        Data<T>(ctx, In::kX),
-        DataOrNull<U>(ctx, In::kScale),
-        DataOrNull<U>(ctx, In::kOffset),
-        DataOrNull<U>(ctx, In::kMean),
-        DataOrNull<U>(ctx, In::kVariance),
-        attrs_.has_residual ? Data<T>(ctx, In::kResidual) : nullptr,
-        y->flat<T>().data(),
-        batch_mean->flat<U>().data(),
-        batch_variance->flat<U>().data(),
-        mean_lo->flat<U>().data()};
+    const ForwardData<T, U> data{Data<T>(ctx, In::kX),
+                                 DataOrNull<U>(ctx, In::kScale),
+                                 DataOrNull<U>(ctx, In::kOffset),
+                                 DataOrNull<U>(ctx, In::kMean),
+                                 DataOrNull<U>(ctx, In::kVariance),
+                                 attrs_.has_residual ? Data<T>(ctx, In::kResidual) : nullptr,
+                                 y->flat<T>().data(),
+                                 batch_mean->flat<U>().data(),
+                                 batch_variance->flat<U>().data(),
+                                 mean_lo->flat<U>().data()};
     OP_REQUIRES_OK(ctx, Launcher::Forward(ctx, layout, data, attrs_.args));
   }
 };
@@ -113,28 +112,27 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
       OP_REQUIRES_OK(ctx, allocate_dx(dresidual->data() != dy.data()));
     } else {
       OP_REQUIRES_OK(ctx, allocate_dx(true));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDResidual, tensorflow::TensorShape({0}),
-                                               &dresidual));
+      OP_REQUIRES_OK(
+          ctx, ctx->allocate_output(In::kDResidual, tensorflow::TensorShape({0}), &dresidual));
     }
     const tensorflow::TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDScale, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDOffset, channels, &doffset));
     const bool residual_in = has_residual && !dresidual_is_dy;
-    const BackwardData<T, U> data{
-        dy.flat<T>().data(),
-        x.flat<T>().data(),
-        DataOrNull<U>(ctx, In::kScale),
-        DataOrNull<U>(ctx, In::kOffset),
-        Data<U>(ctx, In::kMean),
-        Data<U>(ctx, In::kVariance),
-        DataOrNull<U>(ctx, In::kMeanLo),
-        residual_in ? Data<T>(ctx, In::kResidual) : nullptr,
-        DataOrNull<U>(ctx, In::kDBatchMean),
-        DataOrNull<U>(ctx, In::kDBatchVariance),
-        dx->flat<T>().data(),
-        residual_in ? dresidual->flat<T>().data() : nullptr,
-        dscale->flat<U>().data(),
-        doffset->flat<U>().data()};
+    const BackwardData<T, U> data{dy.flat<T>().data(),
+                                  x.flat<T>().data(),
+                                  DataOrNull<U>(ctx, In::kScale),
+                                  DataOrNull<U>(ctx, In::kOffset),
+                                  Data<U>(ctx, In::kMean),
+                                  Data<U>(ctx, In::kVariance),
+                                  DataOrNull<U>(ctx, In::kMeanLo),
+                                  residual_in ? Data<T>(ctx, In::kResidual) : nullptr,
+                                  DataOrNull<U>(ctx, In::kDBatchMean),
+                                  DataOrNull<U>(ctx, In::kDBatchVariance),
+                                  dx->flat<T>().data(),
+                                  residual_in ? dresidual->flat<T>().data() : nullptr,
+                                  dscale->flat<U>().data(),
+                                  doffset->flat<U>().data()};
     OP_REQUIRES_OK(ctx, Launcher::Backward(ctx, layout, data, attrs_.args));
   }
 };

@@ -19,8 +19,7 @@
 namespace tfbn {
 
 inline absl::Status ParseActivation(const std::string& name, Activation* activation) {
-  if (LookupActivation(name.c_str(), /*allow_aliases=*/false, activation))
-    return absl::OkStatus();
+  if (LookupActivation(name.c_str(), /*allow_aliases=*/false, activation)) return absl::OkStatus();
   std::string names;
   for (const char* known : kActivationNames)
     absl::StrAppend(&names, names.empty() ? "" : ", ", known);

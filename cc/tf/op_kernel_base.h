@@ -67,9 +67,9 @@ class TfbnOpKernel : public WithOpAttrs<tensorflow::OpKernel, Io> {
     const auto v = w.flat<float>();
     for (int64_t k = 0; k < v.size(); ++k)  // one value per position: cheap next to x
       if (!(v(k) >= 0.0f && v(k) <= std::numeric_limits<float>::max()))
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tfbn: weights must be finite and non-negative, got weights[", k, "] = ", v(k),
-            " (flat index)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("tfbn: weights must be finite and non-negative, got weights[", k,
+                         "] = ", v(k), " (flat index)"));
     *weights = v.data();
     return absl::OkStatus();
   }
@@ -88,7 +88,7 @@ class MismatchedDtypesOp : public TfbnOpKernel<Io> {
 
 // Registers the kernel class given last (commas allowed) for op OP on DEVICE, for type
 // attributes T and U.
-#define TFBN_REGISTER_KERNEL_TU(OP, DEVICE, T, U, ...)                                   \
-  REGISTER_KERNEL_BUILDER(                                                               \
+#define TFBN_REGISTER_KERNEL_TU(OP, DEVICE, T, U, ...)                                     \
+  REGISTER_KERNEL_BUILDER(                                                                 \
       Name(OP).Device(::tensorflow::DEVICE).TypeConstraint<T>("T").TypeConstraint<U>("U"), \
       __VA_ARGS__)

@@ -58,17 +58,18 @@ inline InputCheck::Kind VectorUnless(bool may_be_empty) {
 struct BatchNormIo {
   enum Input : int { kX, kScale, kOffset, kMean, kVariance, kResidual };
   enum Output : int { kY, kBatchMean, kBatchVariance, kMeanLo };
-  static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance",
-                                            "residual"};
+  static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance", "residual"};
   static constexpr const char* kOutputs[] = {"y", "batch_mean", "batch_variance", "mean_lo"};
-  static constexpr OutputShape kOutputShapes[] = {
-      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector,
-      OutputShape::kChannelVector};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kLikeX, OutputShape::kChannelVector,
+                                                  OutputShape::kChannelVector,
+                                                  OutputShape::kChannelVector};
   static constexpr bool kHasDy = false;
   static std::vector<InputCheck> Checks(const OpAttrs& a) {
     const bool training = a.args.training;
-    return {{kScale, VectorUnless(!a.has_scale)},  {kOffset, VectorUnless(!a.has_offset)},
-            {kMean, VectorUnless(training)},       {kVariance, VectorUnless(training)},
+    return {{kScale, VectorUnless(!a.has_scale)},
+            {kOffset, VectorUnless(!a.has_offset)},
+            {kMean, VectorUnless(training)},
+            {kVariance, VectorUnless(training)},
             {kResidual, InputCheck::kResidual}};
   }
 };
@@ -78,7 +79,15 @@ struct BatchNormIo {
 // outputs.
 struct BatchNormGradIo {
   enum Input : int {
-    kDy, kX, kScale, kOffset, kMean, kVariance, kMeanLo, kResidual, kDBatchMean,
+    kDy,
+    kX,
+    kScale,
+    kOffset,
+    kMean,
+    kVariance,
+    kMeanLo,
+    kResidual,
+    kDBatchMean,
     kDBatchVariance
   };
   enum Output : int { kDx, kDScale, kDOffset, kDResidual };
@@ -86,14 +95,17 @@ struct BatchNormGradIo {
       "dy",       "x",       "scale",    "offset",       "mean",
       "variance", "mean_lo", "residual", "d_batch_mean", "d_batch_variance"};
   static constexpr const char* kOutputs[] = {"dx", "dscale", "doffset", "dresidual"};
-  static constexpr OutputShape kOutputShapes[] = {
-      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector,
-      OutputShape::kLikeXIfResidual};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kLikeX, OutputShape::kChannelVector,
+                                                  OutputShape::kChannelVector,
+                                                  OutputShape::kLikeXIfResidual};
   static constexpr bool kHasDy = true;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
-    return {{kScale, InputCheck::kVectorOrEmpty},      {kOffset, InputCheck::kVectorOrEmpty},
-            {kMean, InputCheck::kVector},              {kVariance, InputCheck::kVector},
-            {kMeanLo, InputCheck::kVectorOrEmpty},     {kResidual, InputCheck::kResidual},
+    return {{kScale, InputCheck::kVectorOrEmpty},
+            {kOffset, InputCheck::kVectorOrEmpty},
+            {kMean, InputCheck::kVector},
+            {kVariance, InputCheck::kVector},
+            {kMeanLo, InputCheck::kVectorOrEmpty},
+            {kResidual, InputCheck::kResidual},
             {kDBatchMean, InputCheck::kVectorOrEmpty},
             {kDBatchVariance, InputCheck::kVectorOrEmpty}};
   }
@@ -128,14 +140,15 @@ struct MergeStatsIo {
 struct ApplyIo {
   enum Input : int { kX, kScale, kOffset, kMean, kVariance, kMeanLo };
   enum Output : int { kY };
-  static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance",
-                                            "mean_lo"};
+  static constexpr const char* kInputs[] = {"x", "scale", "offset", "mean", "variance", "mean_lo"};
   static constexpr const char* kOutputs[] = {"y"};
   static constexpr OutputShape kOutputShapes[] = {OutputShape::kLikeX};
   static constexpr bool kHasDy = false;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
-    return {{kScale, InputCheck::kVectorOrEmpty}, {kOffset, InputCheck::kVectorOrEmpty},
-            {kMean, InputCheck::kVector},         {kVariance, InputCheck::kVector},
+    return {{kScale, InputCheck::kVectorOrEmpty},
+            {kOffset, InputCheck::kVectorOrEmpty},
+            {kMean, InputCheck::kVector},
+            {kVariance, InputCheck::kVector},
             {kMeanLo, InputCheck::kVectorOrEmpty}};
   }
 };
@@ -156,15 +169,24 @@ struct GradSumsIo {
 // TfbnBatchNormGradApply: dx from the sums over the whole batch.
 struct GradApplyIo {
   enum Input : int {
-    kDy, kX, kScale, kMean, kVariance, kMeanLo, kLocalSums, kGlobalSums, kCount, kWeights
+    kDy,
+    kX,
+    kScale,
+    kMean,
+    kVariance,
+    kMeanLo,
+    kLocalSums,
+    kGlobalSums,
+    kCount,
+    kWeights
   };
   enum Output : int { kDx, kDScale, kDOffset };
-  static constexpr const char* kInputs[] = {
-      "dy",      "x",          "scale",       "mean",  "variance",
-      "mean_lo", "local_sums", "global_sums", "count", "weights"};
+  static constexpr const char* kInputs[] = {"dy",       "x",       "scale",      "mean",
+                                            "variance", "mean_lo", "local_sums", "global_sums",
+                                            "count",    "weights"};
   static constexpr const char* kOutputs[] = {"dx", "dscale", "doffset"};
-  static constexpr OutputShape kOutputShapes[] = {
-      OutputShape::kLikeX, OutputShape::kChannelVector, OutputShape::kChannelVector};
+  static constexpr OutputShape kOutputShapes[] = {OutputShape::kLikeX, OutputShape::kChannelVector,
+                                                  OutputShape::kChannelVector};
   static constexpr bool kHasDy = true;
   static std::vector<InputCheck> Checks(const OpAttrs&) {
     return {{kScale, InputCheck::kVectorOrEmpty}, {kMean, InputCheck::kVector},

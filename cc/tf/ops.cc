@@ -45,8 +45,9 @@ REGISTER_OP("TfbnBatchNorm")
     .Attr(ActivationAttr())
     .Attr("has_residual: bool = false")
     .SetShapeFn(ShapeFn<BatchNormIo>)
-    .Doc("Fused Batch Normalization over any channel axis of an input of rank >= 2, with an "
-         "optional epilogue: y = activation(normalized x * scale + offset + residual).");
+    .Doc(
+        "Fused Batch Normalization over any channel axis of an input of rank >= 2, with an "
+        "optional epilogue: y = activation(normalized x * scale + offset + residual).");
 
 REGISTER_OP("TfbnBatchNormGrad")
     .Input("dy: T")
@@ -71,7 +72,8 @@ REGISTER_OP("TfbnBatchNormGrad")
     .Attr(ActivationAttr())
     .Attr("has_residual: bool = false")
     .SetShapeFn(ShapeFn<BatchNormGradIo>)
-    .Doc("Gradient of TfbnBatchNorm with respect to x, scale, offset and residual; z is "
-         "recomputed from x, the statistics, scale, offset and residual.");
+    .Doc(
+        "Gradient of TfbnBatchNorm with respect to x, scale, offset and residual; z is "
+        "recomputed from x, the statistics, scale, offset and residual.");
 
 }  // namespace tfbn

@@ -69,11 +69,16 @@ class ShapeChecker {
  private:
   ShapeHandle Shape(OutputShape shape) const {
     switch (shape) {
-      case OutputShape::kLikeX: return x_;
-      case OutputShape::kChannelVector: return c_->Vector(channels_);
-      case OutputShape::kPartials: return c_->Matrix(kPartialRows, channels_);
-      case OutputShape::kSums: return c_->Matrix(kGradSumRows, channels_);
-      case OutputShape::kLikeXIfResidual: return attrs_.has_residual ? x_ : c_->Vector(0);
+      case OutputShape::kLikeX:
+        return x_;
+      case OutputShape::kChannelVector:
+        return c_->Vector(channels_);
+      case OutputShape::kPartials:
+        return c_->Matrix(kPartialRows, channels_);
+      case OutputShape::kSums:
+        return c_->Matrix(kGradSumRows, channels_);
+      case OutputShape::kLikeXIfResidual:
+        return attrs_.has_residual ? x_ : c_->Vector(0);
     }
     return c_->UnknownShape();
   }
@@ -94,9 +99,8 @@ class ShapeChecker {
     if (!c_->RankKnown(v)) return absl::OkStatus();
     const int rank = c_->Rank(v);
     const int64_t length = rank == 1 ? c_->Value(c_->Dim(v, 0)) : -1;
-    TF_RETURN_IF_ERROR(CheckChannelVector(Io::kInputs[index], rank, length,
-                                          c_->Value(channels_), allow_empty, axis_,
-                                          c_->DebugString(x_)));
+    TF_RETURN_IF_ERROR(CheckChannelVector(Io::kInputs[index], rank, length, c_->Value(channels_),
+                                          allow_empty, axis_, c_->DebugString(x_)));
     if (allow_empty && length == 0) return absl::OkStatus();
     return c_->Merge(channels_, c_->Dim(v, 0), &channels_);
   }
@@ -106,10 +110,10 @@ class ShapeChecker {
     const bool has_residual = attrs_.has_residual;
     ShapeHandle residual = c_->input(index);
     ShapeHandle merged;
-    const bool ok =
-        has_residual ? c_->Merge(x_, residual, &merged).ok()
-                     : !c_->RankKnown(residual) ||
-                           (c_->Rank(residual) == 1 && c_->Value(c_->Dim(residual, 0)) <= 0);
+    const bool ok = has_residual
+                        ? c_->Merge(x_, residual, &merged).ok()
+                        : !c_->RankKnown(residual) ||
+                              (c_->Rank(residual) == 1 && c_->Value(c_->Dim(residual, 0)) <= 0);
     if (ok) return absl::OkStatus();
     return ResidualShapeError(has_residual, c_->DebugString(residual), c_->DebugString(x_));
   }

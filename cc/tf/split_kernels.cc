@@ -28,12 +28,11 @@ class StatsOp : public TfbnOpKernel<StatsIo> {
     const float* weights;
     OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
     Tensor* partial;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kPartial,
-                                             TensorShape({kPartialRows, layout.channels}),
-                                             &partial));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            In::kPartial, TensorShape({kPartialRows, layout.channels}), &partial));
     if (weights)
-      WeightedPartialMoments<T>(layout, x.flat<T>().data(), weights,
-                                partial->flat<double>().data(), IntraOpParallelFor(ctx));
+      WeightedPartialMoments<T>(layout, x.flat<T>().data(), weights, partial->flat<double>().data(),
+                                IntraOpParallelFor(ctx));
     else
       PartialMoments<T>(layout, x.flat<T>().data(), partial->flat<double>().data(),
                         IntraOpParallelFor(ctx));
@@ -47,8 +46,8 @@ class MergeStatsOp : public TfbnOpKernel<MergeStatsIo> {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& p = Get(ctx, In::kPartials);
     const int rank = p.dims();
-    OP_REQUIRES_OK(ctx, CheckPartials(rank, rank >= 2 ? p.dim_size(rank - 2) : -1,
-                                      p.shape().DebugString()));
+    OP_REQUIRES_OK(
+        ctx, CheckPartials(rank, rank >= 2 ? p.dim_size(rank - 2) : -1, p.shape().DebugString()));
     const int64_t C = p.dim_size(rank - 1);
     const int64_t parts = rank == 3 ? p.dim_size(0) : p.dim_size(0) / kPartialRows;
     Tensor *mean, *variance, *mean_lo, *count;
@@ -111,19 +110,18 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
     OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
     Tensor *dx, *dscale, *doffset;
     const TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx,
-                   ctx->forward_input_or_allocate_output({In::kDy}, In::kDx, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({In::kDy}, In::kDx, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDScale, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDOffset, channels, &doffset));
     const Tensor& global = Get(ctx, In::kGlobalSums);
     // The weighted and the plain kernel take the same arguments, weights aside.
     auto run = [&](auto kernel, auto... weights_arg) {
       kernel(layout, Data<T>(ctx, In::kDy), x.flat<T>().data(), DataOrNull<U>(ctx, In::kScale),
-             Data<U>(ctx, In::kMean), DataOrNull<U>(ctx, In::kMeanLo),
-             Data<U>(ctx, In::kVariance), Data<double>(ctx, In::kLocalSums),
-             global.flat<double>().data(), global.dim_size(0), Data<double>(ctx, In::kCount),
-             weights_arg..., attrs_.args.epsilon, dx->flat<T>().data(),
-             dscale->flat<U>().data(), doffset->flat<U>().data(), IntraOpParallelFor(ctx));
+             Data<U>(ctx, In::kMean), DataOrNull<U>(ctx, In::kMeanLo), Data<U>(ctx, In::kVariance),
+             Data<double>(ctx, In::kLocalSums), global.flat<double>().data(), global.dim_size(0),
+             Data<double>(ctx, In::kCount), weights_arg..., attrs_.args.epsilon,
+             dx->flat<T>().data(), dscale->flat<U>().data(), doffset->flat<U>().data(),
+             IntraOpParallelFor(ctx));
     };
     if (weights)
       run(WeightedApplyGradWithSums<T, U>, weights);
@@ -132,11 +130,11 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
   }
 };
 
-#define TFBN_REGISTER_SPLIT(T, U)                                                    \
-  REGISTER_KERNEL_BUILDER(                                                           \
+#define TFBN_REGISTER_SPLIT(T, U)                                                       \
+  REGISTER_KERNEL_BUILDER(                                                              \
       Name("TfbnBatchNormStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      StatsOp<T>);                                                                   \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE_CPU, T, U, ApplyOp<T, U>);    \
+      StatsOp<T>);                                                                      \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE_CPU, T, U, ApplyOp<T, U>);       \
   TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradSums", DEVICE_CPU, T, U, GradSumsOp<T, U>); \
   TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradApply", DEVICE_CPU, T, U, GradApplyOp<T, U>);
 
@@ -146,8 +144,8 @@ TFBN_REGISTER_SPLIT(float, float)
 TFBN_REGISTER_SPLIT(double, double)
 #undef TFBN_REGISTER_SPLIT
 
-#define TFBN_REGISTER_MERGE(U)                                                         \
-  REGISTER_KERNEL_BUILDER(                                                             \
+#define TFBN_REGISTER_MERGE(U)                                                               \
+  REGISTER_KERNEL_BUILDER(                                                                   \
       Name("TfbnBatchNormMergeStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<U>("U"), \
       MergeStatsOp<U>);
 TFBN_REGISTER_MERGE(float)

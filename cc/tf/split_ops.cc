@@ -39,9 +39,10 @@ REGISTER_OP("TfbnBatchNormStats")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("axis: int = -1")
     .SetShapeFn(ShapeFn<StatsIo>)
-    .Doc("Per-channel partial statistics (count, mean, M2) of x, for a later merge; with "
-         "weights: sum of weights, weighted mean, M2 = sum w * (x - mean)^2. A slice "
-         "with no weight gives 0, 0, 0.");
+    .Doc(
+        "Per-channel partial statistics (count, mean, M2) of x, for a later merge; with "
+        "weights: sum of weights, weighted mean, M2 = sum w * (x - mean)^2. A slice "
+        "with no weight gives 0, 0, 0.");
 
 REGISTER_OP("TfbnBatchNormMergeStats")
     .Input("partials: double")  // [parts, 3, C] or [3 * parts, C]
@@ -99,8 +100,9 @@ REGISTER_OP("TfbnBatchNormGradApply")
     .Attr("epsilon: float = 0.001")
     .Attr("axis: int = -1")
     .SetShapeFn(ShapeFn<GradApplyIo>)
-    .Doc("Training gradient of BatchNorm from sums over the whole batch. With weights, "
-         "every term that comes from the statistics' dependence on x is scaled by the "
-         "element's weight.");
+    .Doc(
+        "Training gradient of BatchNorm from sums over the whole batch. With weights, "
+        "every term that comes from the statistics' dependence on x is scaled by the "
+        "element's weight.");
 
 }  // namespace tfbn

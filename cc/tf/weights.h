@@ -17,8 +17,7 @@ namespace tfbn {
 // Dimensions are -1 where unknown; weights_rank is -1 where unknown. *weighted says
 // whether the weights are used (false for the empty [0] form).
 inline absl::Status CheckWeightsShape(const std::vector<int64_t>& x_dims, int axis,
-                                      int weights_rank,
-                                      const std::vector<int64_t>& weights_dims,
+                                      int weights_rank, const std::vector<int64_t>& weights_dims,
                                       bool* weighted) {
   *weighted = true;
   if (weights_rank < 0) return absl::OkStatus();
@@ -41,8 +40,7 @@ inline absl::Status CheckWeightsShape(const std::vector<int64_t>& x_dims, int ax
   };
   return absl::InvalidArgumentError(absl::StrCat(
       "tfbn: weights must have shape ", dims(want), " (x's shape ", dims(x_dims),
-      " without the channel axis ", axis, ") or be empty [0], got shape ",
-      dims(weights_dims)));
+      " without the channel axis ", axis, ") or be empty [0], got shape ", dims(weights_dims)));
 }
 
 }  // namespace tfbn

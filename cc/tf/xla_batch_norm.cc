@@ -54,9 +54,8 @@ class BatchNormXlaOp : public TfbnXlaOpKernel<BatchNormIo> {
     const xla::XlaOp offset = VectorOr(ctx, In::kOffset, 0.0, U, C);
 
     const xla::XlaOp x3 = To3d(x, v, U);
-    xla::XlaOp z = xla::Add(
-        xla::Mul(Centred(x3, hi, lo, v), PerChannel(a, v)),
-        PerChannel(offset, v));
+    xla::XlaOp z =
+        xla::Add(xla::Mul(Centred(x3, hi, lo, v), PerChannel(a, v)), PerChannel(offset, v));
     if (attrs_.has_residual) z = xla::Add(z, To3d(ctx->Input(In::kResidual), v, U));
     ctx->SetOutput(In::kY, FromView(Activate(z, attrs_.args.activation), v, T));
     ctx->SetOutput(In::kBatchMean, hi);

@@ -19,9 +19,9 @@ class LateXlaRegistration {
 
 }  // namespace tfbn
 
-#define TFBN_REGISTER_XLA_OP(OP, CLASS)                                               \
-  REGISTER_XLA_OP(Name(OP), CLASS);                                                   \
-  static ::tfbn::LateXlaRegistration tfbn_late_xla_registration_##CLASS(             \
+#define TFBN_REGISTER_XLA_OP(OP, CLASS)                                            \
+  REGISTER_XLA_OP(Name(OP), CLASS);                                                \
+  static ::tfbn::LateXlaRegistration tfbn_late_xla_registration_##CLASS(           \
       OP, [](::tensorflow::OpKernelConstruction* ctx) -> ::tensorflow::OpKernel* { \
-        return new CLASS(ctx);                                                        \
+        return new CLASS(ctx);                                                     \
       })

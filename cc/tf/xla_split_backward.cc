@@ -33,10 +33,10 @@ class GradSumsXlaOp : public TfbnXlaOpKernel<GradSumsIo> {
     const xla::XlaOp sum_dy = SumPerChannel(xla::ConvertElementType(dy, xla::F64));  // 0 if empty
     const xla::XlaOp xc = CentredInput(ctx, v, In::kX, In::kMean, In::kMeanLo, U);
     const xla::XlaOp sum_dy_xc = SumPerChannel(xla::ConvertElementType(xla::Mul(dy, xc), xla::F64));
-    ctx->SetOutput(In::kSums,
-                   xla::ConcatInDim(ctx->builder(),
-                                    {xla::Reshape(sum_dy, {1, C}), xla::Reshape(sum_dy_xc, {1, C})},
-                                    0));
+    ctx->SetOutput(
+        In::kSums,
+        xla::ConcatInDim(ctx->builder(),
+                         {xla::Reshape(sum_dy, {1, C}), xla::Reshape(sum_dy_xc, {1, C})}, 0));
   }
 };
 
@@ -65,8 +65,8 @@ class GradApplyXlaOp : public TfbnXlaOpKernel<GradApplyIo> {
     const xla::XlaOp global = ctx->Input(In::kGlobalSums);
     ctx->SetOutput(In::kDOffset, xla::ConvertElementType(Row(local, 0, C), U));
     ctx->SetOutput(In::kDScale, v.per_channel() == 0
-                          ? zeros_u
-                          : xla::ConvertElementType(xla::Mul(r, Row(local, 1, C)), U));
+                                    ? zeros_u
+                                    : xla::ConvertElementType(xla::Mul(r, Row(local, 1, C)), U));
 
     // The fused formula with the global sums and count M (the merged weight sum):
     // dx = s*r*dy + w * (gb * (x - mean) + gc), w = 1 without weights.

@@ -47,10 +47,11 @@ class StatsXlaOp : public TfbnXlaOpKernel<StatsIo> {
       const xla::XlaOp xc = xla::Sub(x3, PerChannel(mean, v));
       m2 = SumPerChannel(xla::Mul(xc, xc));
     }
-    ctx->SetOutput(In::kPartial,
-                   xla::ConcatInDim(b, {xla::Reshape(count, {1, C}), xla::Reshape(mean, {1, C}),
-                                        xla::Reshape(m2, {1, C})},
-                                    0));
+    ctx->SetOutput(
+        In::kPartial,
+        xla::ConcatInDim(
+            b, {xla::Reshape(count, {1, C}), xla::Reshape(mean, {1, C}), xla::Reshape(m2, {1, C})},
+            0));
   }
 };
 
@@ -66,8 +67,8 @@ class MergeStatsXlaOp : public TfbnXlaOpKernel<MergeStatsIo> {
     tensorflow::TensorShape shape;
     OP_REQUIRES_OK(ctx, InputShape(ctx, In::kPartials, &shape));
     const int rank = shape.dims();
-    OP_REQUIRES_OK(ctx, CheckPartials(rank, rank >= 2 ? shape.dim_size(rank - 2) : -1,
-                                      shape.DebugString()));
+    OP_REQUIRES_OK(
+        ctx, CheckPartials(rank, rank >= 2 ? shape.dim_size(rank - 2) : -1, shape.DebugString()));
     const int64_t C = shape.dim_size(rank - 1);
     const int64_t parts = rank == 3 ? shape.dim_size(0) : shape.dim_size(0) / kPartialRows;
     xla::XlaBuilder* b = ctx->builder();
@@ -120,8 +121,8 @@ class ApplyXlaOp : public TfbnXlaOpKernel<ApplyIo> {
     const int64_t C = v.channels;
     const xla::XlaOp inv_std = InverseStd(
         xla::ConvertElementType(ctx->Input(In::kVariance), xla::F64), attrs_.args.epsilon);
-    const xla::XlaOp a = xla::ConvertElementType(
-        xla::Mul(inv_std, VectorOr(ctx, In::kScale, 1.0, xla::F64, C)), U);
+    const xla::XlaOp a =
+        xla::ConvertElementType(xla::Mul(inv_std, VectorOr(ctx, In::kScale, 1.0, xla::F64, C)), U);
     const xla::XlaOp x3 = To3d(ctx->Input(In::kX), v, U);
     const xla::XlaOp centred =
         Centred(x3, ctx->Input(In::kMean), VectorOr(ctx, In::kMeanLo, 0.0, U, C), v);

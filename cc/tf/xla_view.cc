@@ -15,8 +15,8 @@ absl::Status MakeView(XlaOpKernelContext* ctx, int index, int axis_attr, XlaView
   auto xla_shape = ctx->InputXlaShape(index);
   TF_RETURN_IF_ERROR(xla_shape.status());
   if (!xla_shape->is_static())
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tfbn: under XLA, x needs a static shape, got ", xla_shape->ToString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tfbn: under XLA, x needs a static shape, got ", xla_shape->ToString()));
   tensorflow::TensorShape shape;
   for (int64_t d : xla_shape->dimensions()) shape.AddDim(d);
   int axis = 0;
@@ -40,8 +40,7 @@ absl::Status InputShape(XlaOpKernelContext* ctx, int index, tensorflow::TensorSh
 
 xla::XlaOp Weights2d(XlaOpKernelContext* ctx, int index, const XlaView& view,
                      xla::PrimitiveType type) {
-  return xla::Reshape(xla::ConvertElementType(ctx->Input(index), type),
-                      {view.outer, view.inner});
+  return xla::Reshape(xla::ConvertElementType(ctx->Input(index), type), {view.outer, view.inner});
 }
 
 bool HasInput(XlaOpKernelContext* ctx, int index) {
@@ -83,9 +82,9 @@ xla::XlaOp Row(xla::XlaOp matrix, int64_t row, int64_t channels) {
 
 xla::XlaOp InverseStd(xla::XlaOp variance_f64, float epsilon) {
   xla::XlaBuilder* b = variance_f64.builder();
-  return xla::Div(Scalar(b, xla::F64, 1.0),
-                  xla::Sqrt(xla::Add(variance_f64,
-                                     Scalar(b, xla::F64, static_cast<double>(epsilon)))));
+  return xla::Div(
+      Scalar(b, xla::F64, 1.0),
+      xla::Sqrt(xla::Add(variance_f64, Scalar(b, xla::F64, static_cast<double>(epsilon)))));
 }
 
 xla::XlaOp Centred(xla::XlaOp x3, xla::XlaOp hi, xla::XlaOp lo, const XlaView& view) {
@@ -106,11 +105,14 @@ GradCoefficients TrainingGradCoefficients(xla::XlaOp sr, xla::XlaOp r, xla::XlaO
 
 xla::XlaOp Activate(xla::XlaOp z, Activation activation) {
   switch (activation) {
-    case Activation::kIdentity: return z;
-    case Activation::kRelu: return xla::Max(z, xla::ScalarLike(z, 0));
+    case Activation::kIdentity:
+      return z;
+    case Activation::kRelu:
+      return xla::Max(z, xla::ScalarLike(z, 0));
     case Activation::kRelu6:
       return xla::Min(xla::Max(z, xla::ScalarLike(z, 0)), xla::ScalarLike(z, 6));
-    case Activation::kSilu: return xla::Mul(z, xla::Logistic(z));
+    case Activation::kSilu:
+      return xla::Mul(z, xla::Logistic(z));
   }
   return z;
 }
@@ -118,12 +120,13 @@ xla::XlaOp Activate(xla::XlaOp z, Activation activation) {
 xla::XlaOp ActivationGrad(xla::XlaOp dy, xla::XlaOp z, Activation activation) {
   const xla::XlaOp zero = xla::ZerosLike(dy);
   switch (activation) {
-    case Activation::kIdentity: return dy;
-    case Activation::kRelu: return xla::Select(xla::Gt(z, xla::ScalarLike(z, 0)), dy, zero);
+    case Activation::kIdentity:
+      return dy;
+    case Activation::kRelu:
+      return xla::Select(xla::Gt(z, xla::ScalarLike(z, 0)), dy, zero);
     case Activation::kRelu6:
       return xla::Select(
-          xla::And(xla::Gt(z, xla::ScalarLike(z, 0)), xla::Lt(z, xla::ScalarLike(z, 6))), dy,
-          zero);
+          xla::And(xla::Gt(z, xla::ScalarLike(z, 0)), xla::Lt(z, xla::ScalarLike(z, 6))), dy, zero);
     case Activation::kSilu: {
       // d/dz z*s(z) = s * (1 + z * (1 - s)), s = sigmoid(z)
       const xla::XlaOp s = xla::Logistic(z);

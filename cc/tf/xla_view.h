@@ -37,8 +37,7 @@ struct XlaView {
 };
 
 // Resolves the axis for input `index` (x) and checks its rank; x's shape must be static.
-absl::Status MakeView(tensorflow::XlaOpKernelContext* ctx, int index, int axis_attr,
-                      XlaView* view);
+absl::Status MakeView(tensorflow::XlaOpKernelContext* ctx, int index, int axis_attr, XlaView* view);
 
 // The shape of input `index` as a TensorShape.
 absl::Status InputShape(tensorflow::XlaOpKernelContext* ctx, int index,

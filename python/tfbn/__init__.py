@@ -4,11 +4,12 @@
 the Keras layer for serialization.
 """
 
-from ._library import build_info
-from .ops import batch_norm
-from .layers import BatchNormalization
-from .convert import convert
 from . import distributed
+from ._library import build_info
+from .convert import convert
+from .layers import BatchNormalization
+from .ops import batch_norm
 
 __version__ = "0.1.0"
-__all__ = ["batch_norm", "BatchNormalization", "convert", "build_info", "__version__"]
+__all__ = ["batch_norm", "BatchNormalization", "convert", "build_info", "distributed",
+           "__version__"]

@@ -32,7 +32,8 @@ def _check_epsilon(epsilon):
     try:
         eps = float(epsilon)
     except (TypeError, ValueError):
-        raise TypeError(f"tfbn.batch_norm: epsilon must be a number, got epsilon={epsilon!r}")
+        raise TypeError(
+            f"tfbn.batch_norm: epsilon must be a number, got epsilon={epsilon!r}") from None
     # The op keeps epsilon as a float32 attribute: it must stay positive and finite there.
     with np.errstate(over="ignore", under="ignore"):
         eps32 = np.float32(eps) if math.isfinite(eps) else np.float32("nan")
