@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 DOCUMENTS = ["README.md", "docs/performance.md", "docs/gpu.md", "docs/xla.md",
-             "docs/distributed.md"]
+             "docs/distributed.md", "docs/export-and-convert.md", "docs/api.md",
+             "docs/tuning.md"]
 REGION = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 ANCHOR_NAMES = {"fused_v3": "FusedBatchNormV3", "keras": "Keras layer",
                 "composite": "tf.nn composite"}
@@ -258,6 +259,47 @@ def gpu():
               f"{data['torch']})._\n")
 
 
+RESNET_NAMES = {"keras": "Keras BatchNormalization",
+                "tfbn": "`tfbn.convert(model, fuse_epilogue=False)`",
+                "tfbn_fused": "`tfbn.convert(model)` (fused tails)",
+                "tfbn_fused (tfbn op)": "the same with `inference_op=\"tfbn\"`"}
+
+
+def e2e_resnet():
+    data = load("e2e_resnet.json")
+    rows = []
+    for name, label in RESNET_NAMES.items():
+        cells = [label]
+        for mode in ("train", "inference"):
+            r = data[mode].get(name)
+            ratio = 1.0 if name == "keras" else data[mode + "_speedup_vs_keras"].get(name)
+            cells += ([f"{r['images_per_s']:.1f}", f"{ratio:.2f}x"] if r else ["", ""])
+        rows.append(cells)
+    fused = data["layers"]["tfbn_fused"]
+    head = ["model", "training images/s", "vs Keras", "inference images/s", "vs Keras"]
+    rounds = data["train"]["keras"]["rounds"]
+    text = table(head, rows)
+    text += (f"\n{data['model']}, input {tuple(data['input'])}, batch {data['batch_size']}, "
+             f"{data['dtype']}: one `train_on_batch` (SGD) and one `predict_on_batch`, "
+             f"median of {rounds} interleaved rounds. {fused['fused']} of "
+             f"{fused['batch_norm_layers']} BatchNormalization layers carry the epilogue.\n")
+    return text + source(data, "e2e_resnet.json")
+
+
+def bn_after_conv():
+    data = load("e2e_resnet.json")["bn_after_conv"]
+    ms = data["median_ms"]
+    rows = [[label] + [f"{ms[f'{tail}: {name}']:.1f} ms" for tail in ("relu", "add+relu")]
+            for name, label in (("conv only", "nothing (the convolution, then the tail)"),
+                                ("standard ops", "standard ops (FusedBatchNormV3, the default)"),
+                                ("keras composite", "Keras' composite (`x * a + b`)"),
+                                ("tfbn op", "tfbn's op (fused epilogue)"))]
+    return (table([f"1x1 Conv2D on {tuple(data['shape'])}, then inference BN and", "relu",
+                   "add + relu"], rows)
+            + f"\nfloat32, median of {data['reps']} interleaved calls.\n"
+            + source(load("e2e_resnet.json"), "e2e_resnet.json"))
+
+
 def readme_status():
     _, train = op_records("float32", "train_bwd")
     up = lambda name: span([r["results"][name]["speedup"] for r in train  # noqa: E731
@@ -266,6 +308,7 @@ def readme_status():
     gpu_up = lambda dt, lay: span([r["speedup_vs_torch"] for r in g  # noqa: E731
                                    if r["dtype"] == dt and r["layout"] == lay])
     e = load("e2e_digits.json")
+    r = load("e2e_resnet.json")
     xla = e.get("xla", {}).get("tfbn_xla / keras_xla")
     rows = [
         ["CPU", "every op, float16/bfloat16/float32/float64, any axis",
@@ -274,19 +317,24 @@ def readme_status():
         ["GPU (CUDA)", "fused op forward and gradient; the rest runs on the host",
          f"fp32 NHWC {gpu_up('float32', 'channels_last')}, bf16 NHWC "
          f"{gpu_up('bfloat16', 'channels_last')} over PyTorch (kernels only)"],
+        ["Keras models", "`tfbn.convert` of ResNet-50 (112x112, batch 16), CPU",
+         f"training {r['train_speedup_vs_keras']['tfbn_fused']:.2f}x, inference "
+         f"{r['inference_speedup_vs_keras']['tfbn_fused']:.2f}x over Keras' layer"],
         ["XLA", "every op, every dtype (`jit_compile=True`)",
          f"small CNN on CPU, both under XLA: {xla:.2f}x of Keras' layer" if xla else "n/a"],
     ]
     return (table(["where", "what runs", "headline speed-up"], rows)
             + "\n_From `benchmarks/results/` (op_bench.json, gpu/bench_gpu.json, "
-              "e2e_digits.json); details in [docs/performance.md](docs/performance.md)._\n")
+              "e2e_resnet.json, e2e_digits.json); details in "
+              "[docs/performance.md](docs/performance.md)._\n")
 
 
 TABLES = {
     "op-float32-train": op_float32_train, "op-summary": op_summary,
     "half-precision": half_precision, "memory": memory, "overhead": overhead, "e2e": e2e,
     "renorm-mask": renorm_mask, "epilogue": epilogue, "distributed": distributed,
-    "gpu": gpu, "readme-status": readme_status,
+    "gpu": gpu, "readme-status": readme_status, "e2e-resnet": e2e_resnet,
+    "bn-after-conv": bn_after_conv,
 }
 
 
