@@ -2,39 +2,25 @@
 (the README's "peak memory of a call is its outputs"), measured with TensorFlow's CPU
 allocator statistics."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfbn
 
-CPU = "CPU:0"
+# The benchmarks' allocator-peak reading, so the test measures what the tables report.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import timing  # noqa: E402
+
 SHAPE = (32, 32, 32, 64)  # 8 MiB of float32: far above the per-channel vectors
 SMALL = 1 << 20  # room for the statistics, the mean's low part and allocator rounding
 
 
-def allocator_stats_available():
-    try:
-        tf.config.experimental.reset_memory_stats(CPU)
-        tf.config.experimental.get_memory_info(CPU)
-        return True
-    except (ValueError, tf.errors.OpError):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not allocator_stats_available(),
+pytestmark = pytest.mark.skipif(not timing.memory_stats_available(),
                                 reason="TensorFlow reports no CPU allocator statistics here")
-
-
-def peak_growth(fn):
-    """Peak bytes held in TensorFlow's CPU allocator during fn(), above what was held
-    before it (inputs already live are not counted; outputs alive at the end are)."""
-    tf.config.experimental.reset_memory_stats(CPU)
-    before = tf.config.experimental.get_memory_info(CPU)["current"]
-    out = fn()
-    peak = tf.config.experimental.get_memory_info(CPU)["peak"]
-    del out
-    return peak - before
 
 
 def inputs(dtype):
@@ -61,7 +47,7 @@ def test_training_forward_holds_only_its_outputs(dtype):
     x, scale, offset, _ = inputs(dtype)
     forward(x, scale, offset)  # load and warm up
     nbytes = x.shape.num_elements() * dtype.size
-    growth = peak_growth(lambda: forward(x, scale, offset))
+    growth = timing.peak_bytes(lambda: forward(x, scale, offset))
     assert nbytes <= growth <= nbytes + SMALL, (growth, nbytes)
 
 
@@ -70,5 +56,5 @@ def test_training_backward_holds_only_its_outputs(dtype):
     x, scale, offset, dy = inputs(dtype)
     backward(x, scale, offset, dy)()  # warm up
     nbytes = x.shape.num_elements() * dtype.size
-    growth = peak_growth(backward(x, scale, offset, dy))
+    growth = timing.peak_bytes(backward(x, scale, offset, dy))
     assert nbytes <= growth <= nbytes + SMALL, (growth, nbytes)
