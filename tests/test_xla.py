@@ -162,7 +162,7 @@ def test_forward_matches_kernel_and_reference(rng, shape, axis, dtype_name, trai
         axis=axis, training=training)
     ref.assert_close(got[0], y_ref, dtype_name, "y vs float64")
     # The lowering's statistics are float64 math rounded once: the mean, carried as
-    # batch_mean + reserve, keeps float64's precision; the variance is rounded to U.
+    # batch_mean + mean_lo, keeps float64's precision; the variance is rounded to U.
     full_mean = got[1].numpy().astype(np.float64) + got[3].numpy().astype(np.float64)
     np.testing.assert_allclose(full_mean, mean_ref, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(got[2], var_ref, rtol=1e-13 if dtype_name == "float64" else 1e-7)
@@ -181,19 +181,19 @@ def test_grad_op_matches_kernel(rng, shape, axis, dtype_name, training):
     c = shape[axis]
     x, dy, scale = tf.constant(x), tf.constant(dy), tf.constant(scale)
     if training:
-        _, mean, var, reserve = forward_op(x, empty(scale.dtype), empty(scale.dtype),
+        _, mean, var, mean_lo = forward_op(x, empty(scale.dtype), empty(scale.dtype),
                                            empty(scale.dtype), empty(scale.dtype), axis=axis)
     else:
         mean = tf.constant(rng.standard_normal(c).astype(p))
         var = tf.constant(rng.uniform(0.5, 2.0, c).astype(p))
-        reserve = empty(scale.dtype)
+        mean_lo = empty(scale.dtype)
     d_mean = tf.constant(rng.standard_normal(c).astype(p))
     d_var = tf.constant(rng.standard_normal(c).astype(p))
     fn = lambda *a: grad_op(*a, axis=axis, is_training=training)  # noqa: E731
     for dm, dv, s in ((d_mean, d_var, scale), (empty(scale.dtype), empty(scale.dtype),
                                                empty(scale.dtype))):
-        want = fn(dy, x, s, mean, var, reserve, dm, dv)
-        got = jit(fn)(dy, x, s, mean, var, reserve, dm, dv)
+        want = fn(dy, x, s, mean, var, mean_lo, dm, dv)
+        got = jit(fn)(dy, x, s, mean, var, mean_lo, dm, dv)
         assert_same(got[0], want[0], dtype_name, "dx")
         assert_same(got[1], want[1], dtype_name, "dscale", stats=True)
         assert_same(got[2], want[2], dtype_name, "doffset", stats=True)
@@ -269,16 +269,16 @@ def test_second_order_gradients_under_xla(rng, training):
 @needs_xla
 def test_far_from_zero_keeps_float32_precision(rng):
     x = (1e4 + rng.standard_normal((64, 4, 4, 16))).astype(np.float32)
-    y, mean, var, reserve = jit(
+    y, mean, var, mean_lo = jit(
         lambda x: forward_op(x, empty(tf.float32), empty(tf.float32), empty(tf.float32),
                              empty(tf.float32)))(tf.constant(x))
     y_ref, mean_ref, var_ref = ref.forward(x)
     err = np.abs(y.numpy() - y_ref).max()
     assert err < 5e-6, err  # the CPU kernel: 1.4e-6; TensorFlow's fused op: 1.8e-2
     # the mean is carried as hi + lo: together they keep float64's mean
-    np.testing.assert_allclose(mean.numpy().astype(np.float64) + reserve.numpy(), mean_ref,
+    np.testing.assert_allclose(mean.numpy().astype(np.float64) + mean_lo.numpy(), mean_ref,
                                rtol=1e-12)
-    assert np.any(reserve.numpy() != 0)
+    assert np.any(mean_lo.numpy() != 0)
     np.testing.assert_allclose(var, var_ref, rtol=1e-5)
 
 
@@ -318,11 +318,11 @@ def test_gradient_far_from_zero_keeps_precision():
 def test_empty_batch_gives_nan_statistics_and_zero_gradients():
     x = tf.zeros([0, 4])
     e = empty(tf.float32)
-    y, mean, var, reserve = jit(lambda x: forward_op(x, e, e, e, e))(x)
+    y, mean, var, mean_lo = jit(lambda x: forward_op(x, e, e, e, e))(x)
     assert y.shape == (0, 4)
     assert np.all(np.isnan(mean)) and np.all(np.isnan(var))
     scale = tf.ones([4])
-    dx, dscale, doffset = jit(lambda x: grad_op(x, x, scale, mean, var, reserve, e, e)[:3])(x)
+    dx, dscale, doffset = jit(lambda x: grad_op(x, x, scale, mean, var, mean_lo, e, e)[:3])(x)
     assert dx.shape == (0, 4)
     np.testing.assert_array_equal(dscale, np.zeros(4))
     np.testing.assert_array_equal(doffset, np.zeros(4))
@@ -428,10 +428,10 @@ def test_epilogue_matches_kernel_and_reference(rng, dtype_name, activation, has_
 
     def fn(x, s, o, r, dy):
         res = r if has_residual else None
-        y, bm, bv, reserve = forward_op(x, s, o, m, v, res, has_scale=True, has_offset=True,
+        y, bm, bv, mean_lo = forward_op(x, s, o, m, v, res, has_scale=True, has_offset=True,
                                         **attrs)
         grads = grad_op(dy, x, s, bm if training else m, bv if training else v,
-                        reserve if training else empty(pdt), empty(pdt), empty(pdt),
+                        mean_lo if training else empty(pdt), empty(pdt), empty(pdt),
                         offset=o, residual=res, **attrs)
         return [y, bm, bv] + list(grads)
 
