@@ -1,7 +1,25 @@
 """Op benchmark: tfbn vs TensorFlow's and Keras' Batch Normalization on ResNet-50 shapes.
 
 Per (shape, dtype, mode) case every contender runs in this process on the same inputs,
-interleaved with the bandwidth yardstick (tfbn._core.stream_copy on a buffer of x's size).
+interleaved with two bandwidth yardsticks that give each case two floors:
+
+- DRAM: tfbn._core.stream_copy (non-temporal stores) of a buffer of at least 4 x the
+  last-level cache, so that it streams from and to memory: floor_dram_ms is the mode's
+  least traffic at that bandwidth;
+- cache: np.copyto (ordinary stores) of a buffer of a quarter of the last-level cache,
+  timed warm: floor_cache_ms is the same traffic at that bandwidth, what a kernel could
+  reach if x stayed in the cache between its passes (fits_llc says whether it can).
+
+For train_fwd and train_bwd the C++ kernels are also timed without TensorFlow, through
+the pybind11 module (tfbn._core, on NumPy views of the same inputs) as "tfbn_core", in
+the same rounds; tf_over_core = tfbn's time / tfbn_core's time is what TensorFlow's op
+machinery costs on top.
+
+What a timed call covers: a CPU tf.function call returns when its ops have run (the CPU
+device executes them synchronously; the outputs are computed tensors, not futures), so the
+wall time of the call is the op's time. The timed callables return their output tensors
+and nothing copies them out (no .numpy()); the tfbn_core callables return the NumPy arrays
+the kernels wrote.
 """
 
 import collections
@@ -11,28 +29,43 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from contenders import ANCHORS, CONTENDERS, NotApplicable
-from timing import median_ms, memory_stats_available, peak_bytes, round_robin, stream_copiers
+from contenders import ANCHORS, CONTENDERS, EPSILON, NotApplicable
+from timing import (
+    cache_copiers,
+    dram_copiers,
+    llc_bytes,
+    median_ms,
+    memory_stats_available,
+    peak_bytes,
+    round_robin,
+)
 
 Case = collections.namedtuple("Case", "shape axis layout")
 Inputs = collections.namedtuple("Inputs", "x scale offset mean variance dy")
 
-_RESNET50 = [(32, 112, 112, 64), (32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024),
-             (32, 7, 7, 2048)]
+_RESNET50 = [(32, 112, 112, 64), (32, 56, 56, 64), (32, 56, 56, 256), (32, 28, 28, 512),
+             (32, 14, 14, 1024), (32, 7, 7, 2048)]
 SHAPES = (
     [Case(s, -1, "NHWC") for s in _RESNET50]
     + [Case((n, c, h, w), 1, "NCHW") for n, h, w, c in _RESNET50]
     + [Case((8, 16, 32, 32, 64), -1, "NDHWC"), Case((256, 1024), -1, "NC"),
        Case((4096, 1024), -1, "NC")]
 )
-QUICK_SHAPES = [Case((32, 28, 28, 512), -1, "NHWC"), Case((32, 512, 28, 28), 1, "NCHW"),
-                Case((4096, 1024), -1, "NC")]
+QUICK_SHAPES = [Case((32, 56, 56, 64), -1, "NHWC"), Case((32, 28, 28, 512), -1, "NHWC"),
+                Case((32, 512, 28, 28), 1, "NCHW"), Case((4096, 1024), -1, "NC")]
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Least bytes a fused kernel must move, in units of bytes(x): training forward reads x
 # twice (statistics, then normalize) and writes y; forward + backward adds reading x and
 # dy twice (gradient sums, then dx) and writing dx; inference reads x and writes y.
 TRAFFIC = {"train_fwd": 3, "train_bwd": 8, "infer": 2}
+
+
+def fits_llc(mode, nbytes, llc):
+    """Whether the bytes the case touches fit the last-level cache, taken as its least
+    traffic (x, y and, for the backward, dy and dx, counted as often as a fused kernel
+    streams them): then passes after the first can hit the cache and beat the DRAM floor."""
+    return TRAFFIC[mode] * nbytes <= llc
 
 
 def make_inputs(case, dtype, seed=0):
@@ -64,6 +97,35 @@ def _agreement(first, dtype):
     return out
 
 
+def _numpy(t):
+    """A NumPy view of a CPU tensor's buffer (np.asarray shares it; .numpy() would copy):
+    the core reads the very bytes the TensorFlow contenders read, so that what one leaves in
+    the cache helps the other alike. bfloat16 comes as ml_dtypes.bfloat16, as _core takes it."""
+    return np.ascontiguousarray(np.asarray(t))
+
+
+def core_callable(case, mode, inputs):
+    """tfbn's kernels through pybind11 (tfbn._core) on NumPy views of the inputs, threads=0
+    as the op uses: training forward, or forward then backward; None for other modes."""
+    from tfbn import _core
+
+    if mode not in ("train_fwd", "train_bwd"):
+        return None
+    x, dy = _numpy(inputs.x), _numpy(inputs.dy)
+    scale, offset = _numpy(inputs.scale), _numpy(inputs.offset)
+    kw = {"axis": case.axis, "epsilon": EPSILON}
+
+    def forward():
+        return _core.batch_norm_forward(x, scale, offset, training=True, threads=0, **kw)
+
+    def forward_backward():
+        y, mean, variance, mean_lo = forward()
+        return y, _core.batch_norm_backward(dy, x, scale, mean, variance, mean_lo, threads=0,
+                                            **kw)
+
+    return forward if mode == "train_fwd" else forward_backward
+
+
 def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
     """One (shape, dtype, mode): a record with each contender's median and % of floor."""
     nbytes = int(np.prod(case.shape)) * tf.as_dtype(dtype).size
@@ -79,14 +141,29 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
             results[name] = {"na": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     check = _agreement(first, dtype)
     del first
-    samples, copies = round_robin(fns, reps, min_reps, budget_s, floor=stream_copiers(nbytes))
+    timed = dict(fns)
+    core = core_callable(case, mode, inputs)
+    if core is not None:
+        timed["tfbn_core"] = core
+    llc = llc_bytes()
+    yardsticks = {**dram_copiers(nbytes, llc), **cache_copiers(llc)}
+    samples, copies = round_robin(timed, reps, min_reps, budget_s,
+                                  floor={k: fn for k, (fn, _) in yardsticks.items()})
     reps_done = len(next(iter(copies.values())))
-    copy_gbps = {k: 2 * nbytes / (median_ms(v) * 1e-3) / 1e9 for k, v in copies.items()}
-    gbps = max(copy_gbps.values())
-    floor_ms = TRAFFIC[mode] * nbytes / (gbps * 1e9) * 1e3
-    for name, fn in fns.items():
+    copy_gbps = {k: yardsticks[k][1] / (median_ms(v) * 1e-3) / 1e9 for k, v in copies.items()}
+    dram_gbps = max(v for k, v in copy_gbps.items() if k.startswith("dram"))
+    cache_gbps = max(v for k, v in copy_gbps.items() if k.startswith("cache"))
+    floor_ms = TRAFFIC[mode] * nbytes / (dram_gbps * 1e9) * 1e3
+    floor_cache_ms = TRAFFIC[mode] * nbytes / (cache_gbps * 1e9) * 1e3
+
+    def timing(name):
         ms = median_ms(samples[name])
-        results[name] = {"ms": ms, "pct_floor": 100.0 * floor_ms / ms, **check.get(name, {})}
+        return {"ms": ms, "pct_floor": 100.0 * floor_ms / ms,
+                "pct_dram_floor": 100.0 * floor_ms / ms,
+                "pct_cache_floor": 100.0 * floor_cache_ms / ms}
+
+    for name, fn in fns.items():
+        results[name] = {**timing(name), **check.get(name, {})}
         if with_memory:
             results[name]["peak_mb"] = peak_bytes(fn) / 2**20
     base = results["tfbn"].get("ms")
@@ -95,12 +172,21 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
             results[name]["speedup"] = results[name]["ms"] / base
     if "ms" in results["tfbn_layer"] and "ms" in results["keras"]:
         results["tfbn_layer"]["speedup"] = results["keras"]["ms"] / results["tfbn_layer"]["ms"]
-    return {
+    record = {
         "shape": list(case.shape), "axis": case.axis, "layout": case.layout, "dtype": dtype,
         "mode": mode, "nbytes": nbytes, "reps": reps_done,
-        "floor_gbps": gbps, "floor_ms": floor_ms, "copy_gbps": copy_gbps,
+        # floor_gbps / floor_ms: the DRAM floor under its first names, for older readers
+        "floor_gbps": dram_gbps, "floor_ms": floor_ms, "copy_gbps": copy_gbps,
+        "dram_gbps": dram_gbps, "cache_gbps": cache_gbps,
+        "floor_dram_ms": floor_ms, "floor_cache_ms": floor_cache_ms,
+        "llc_bytes": llc, "fits_llc": fits_llc(mode, nbytes, llc),
         "results": {name: results[name] for name in CONTENDERS},
     }
+    if core is not None:
+        record["results"]["tfbn_core"] = timing("tfbn_core")
+        if base:
+            record["tf_over_core"] = base / record["results"]["tfbn_core"]["ms"]
+    return record
 
 
 def run(quick=False, reps=20, min_reps=5, budget_s=15.0, dtypes=DTYPES, log=sys.stderr):

@@ -23,32 +23,63 @@ def _groups(records):
     return groups
 
 
+def _pct(r, key):
+    """% of a floor; pct_floor is the DRAM floor in results written before the cache one."""
+    value = r.get(key, r.get("pct_floor") if key == "pct_dram_floor" else None)
+    return f"{value:4.0f}%" if value is not None else f"{'n/a':>5s}"
+
+
 def _cell(r, with_speedup):
     if "ms" not in r:
-        return f"{'n/a':>8s} {'':4s}" + (f" {'':>5s}" if with_speedup else "")
+        return f"{'n/a':>8s} {'':5s}" + (f" {'':>5s}" if with_speedup else "")
     flag = "!" if r.get("agrees") is False else " "
-    text = f"{r['ms']:8.2f}{flag}{r['pct_floor']:3.0f}%"
+    text = f"{r['ms']:8.2f}{flag}{_pct(r, 'pct_dram_floor')}"
     if with_speedup:
         text += f" {r['speedup']:5.2f}" if "speedup" in r else f" {'':5s}"
     return text
 
 
+def _core_cell(rec):
+    core = rec["results"].get("tfbn_core")
+    if not core:
+        return f"{'n/a':>8s} {'':5s}"
+    return f"{core['ms']:8.2f} {rec['tf_over_core']:5.2f}" if "tf_over_core" in rec \
+        else f"{core['ms']:8.2f} {'':5s}"
+
+
+def _gbps(rec, key):
+    value = rec.get(key, rec["floor_gbps"] if key == "dram_gbps" else None)
+    return f"{value:5.1f}" if value is not None else f"{'n/a':>5s}"
+
+
 def op_table(records):
     """The timing table: one block per (dtype, mode), one row per shape."""
     lines, notes = [], {}
-    head = f"{'shape':20s} {'layout':6s} {'GB/s':>5s} |"
+    head = f"{'shape':20s} {'layout':6s} {'DRAM':>5s} {'cache':>5s} {'LLC':3s} |"
     for name in CONTENDERS:
-        width = 13 + (6 if name != "tfbn" else 0)
+        width = 14 + (6 if name != "tfbn" else 6)
         head += f" {name:>{width}s} |"
+        if name == "tfbn":
+            head += f" {'core  tf/core':>14s} |"
     for (dtype, mode), recs in _groups(records).items():
         reps = sorted({r["reps"] for r in recs})
         lines += ["", f"{dtype} - {MODE_TITLES[mode]} - median ms of {'/'.join(map(str, reps))} "
-                      "runs, % of floor, speedup of tfbn (tfbn_layer: vs keras)", head]
+                      "runs, % of the DRAM floor (tfbn: and of the cache floor), speedup of tfbn "
+                      "(tfbn_layer: vs keras)",
+                  "  DRAM, cache: the yardsticks' GB/s; LLC: y where the least traffic fits the "
+                  "last-level cache; core: tfbn_core ms (pybind11), tf/core: tfbn / tfbn_core",
+                  head]
         for rec in recs:
-            row = f"{_shape(rec):20s} {rec['layout']:6s} {rec['floor_gbps']:5.1f} |"
+            fits = {True: "y", False: "n"}.get(rec.get("fits_llc"), "?")
+            row = (f"{_shape(rec):20s} {rec['layout']:6s} {_gbps(rec, 'dram_gbps')} "
+                   f"{_gbps(rec, 'cache_gbps')} {fits:>3s} |")
             for name in CONTENDERS:
                 r = rec["results"][name]
-                row += f" {_cell(r, name != 'tfbn')} |"
+                if name == "tfbn":
+                    row += f" {_cell(r, False)} {_pct(r, 'pct_cache_floor')} |"
+                    row += f" {_core_cell(rec)} |"
+                else:
+                    row += f" {_cell(r, True)} |"
                 if "na" in r:
                     notes.setdefault(f"{name}: {r['na']}", []).append(f"{_shape(rec)} {dtype}")
                 if r.get("agrees") is False:
@@ -57,6 +88,13 @@ def op_table(records):
                         [],
                     ).append(f"{_shape(rec)} {dtype} {mode}")
             lines.append(row)
+    ratios = [rec["tf_over_core"] for rec in records if "tf_over_core" in rec]
+    if ratios:
+        fwd = [rec["tf_over_core"] for rec in records
+               if "tf_over_core" in rec and rec["mode"] == "train_fwd"]
+        lines += ["", "tfbn (TensorFlow op) / tfbn_core (pybind11, same kernels): "
+                      f"{min(ratios):.2f}x to {max(ratios):.2f}x"
+                  + (f"; training forward {min(fwd):.2f}x to {max(fwd):.2f}x" if fwd else "")]
     if notes:
         lines += ["", "n/a and disagreements (!):"]
         for note, where in notes.items():
@@ -84,13 +122,16 @@ def memory_table(records):
 
 
 def overhead_table(res):
-    lines = ["", f"Per-call overhead, training forward on {tuple(res['shape'])} float32 "
-                 f"(median of {res['samples']} samples of {res['calls_per_sample']} calls)"]
-    for name, us in res["us_per_call"].items():
-        lines.append(f"  {name:40s} {us:8.1f} us")
-    lines.append(f"  tfbn / FusedBatchNormV3: eager {res['ratio_eager']:.2f} "
-                 f"(raw op {res['ratio_eager_raw_op']:.2f}), "
-                 f"tf.function {res['ratio_tf_function']:.2f}  (< 1: tfbn costs less)")
+    """Per-call overhead, one block per shape (results before "shapes": the one shape)."""
+    lines = ["", f"Per-call overhead, training forward, float32 (median of {res['samples']} "
+                 f"samples of {res['calls_per_sample']} calls)"]
+    for rec in res.get("shapes", [res]):
+        lines.append(f" {tuple(rec['shape'])}")
+        for name, us in rec["us_per_call"].items():
+            lines.append(f"  {name:40s} {us:8.1f} us")
+        lines.append(f"  tfbn / FusedBatchNormV3: eager {rec['ratio_eager']:.2f} "
+                     f"(raw op {rec['ratio_eager_raw_op']:.2f}), "
+                     f"tf.function {rec['ratio_tf_function']:.2f}  (< 1: tfbn costs less)")
     return "\n".join(lines)
 
 
@@ -164,6 +205,57 @@ def speedup_chart(records, path):
         axes[0][0].set_ylim(min(0.5, min(speedups) / 1.25), max(2.0, max(speedups) * 1.25))
     axes[0][0].legend(fontsize=7)
     fig.suptitle("tfbn speedup per shape over each anchor (> 1: tfbn faster; missing: n/a)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FLOOR_BARS = ("tfbn", "tfbn_core", "fused_v3")
+
+
+def floors_chart(records, path):
+    """Per shape, each of FLOOR_BARS as % of the DRAM floor (100%: as fast as streaming the
+    mode's least traffic from DRAM), with the cache floor marked on the same scale (where a
+    kernel moving that traffic at the cache copy's bandwidth would be): rows dtypes, columns
+    modes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = _groups(records)
+    dtypes = list(dict.fromkeys(d for d, _ in groups))
+    modes = list(dict.fromkeys(m for _, m in groups))
+    fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False, sharey=True,
+                             figsize=(5.5 * len(modes), 3.8 * len(dtypes)))
+    width = 0.8 / len(FLOOR_BARS)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(modes):
+            ax, recs = axes[i][j], groups.get((dtype, mode), [])
+            pos = np.arange(len(recs))
+            for k, name in enumerate(FLOOR_BARS):
+                vals = [r["results"].get(name, {}).get(
+                    "pct_dram_floor", r["results"].get(name, {}).get("pct_floor", np.nan))
+                    for r in recs]
+                ax.bar(pos + (k - (len(FLOOR_BARS) - 1) / 2) * width, vals, width, label=name)
+            cache = [100.0 * r["cache_gbps"] / r["dram_gbps"] if "cache_gbps" in r else np.nan
+                     for r in recs]
+            ax.plot(pos, cache, "k_", markersize=18, label="cache floor")
+            ax.axhline(100.0, color="black", linewidth=0.8, label="DRAM floor")
+            for p, r in zip(pos, recs):
+                if r.get("fits_llc"):
+                    ax.annotate("LLC", (p, 0), ha="center", va="bottom", fontsize=6)
+            ax.set_xticks(pos)
+            ax.set_xticklabels([f"{_shape(r)}\n{r['layout']}" for r in recs], rotation=90,
+                               fontsize=6)
+            ax.set_title(f"{dtype} - {mode}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("% of the DRAM floor")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Time of the floor / time (higher is faster; LLC: the traffic fits the "
+                 "last-level cache)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)

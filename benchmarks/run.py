@@ -3,8 +3,8 @@
 Runs the op benchmark (op_bench.py), the per-call overhead (overhead.py), the end-to-end
 training run (e2e_digits.py), the renorm/mask training step (renorm_mask.py) and the fused
 epilogue (epilogue.py) in one process, prints the tables and writes
-benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].json and
-speedup[-quick].png;
+benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].json,
+speedup[-quick].png and floors[-quick].png (each contender against the DRAM and cache floors);
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
 Part "resnet" (e2e_resnet.py, ResNet-50 with Keras BN vs tfbn.convert) writes
@@ -99,6 +99,7 @@ def main():
         print(report.memory_table(records))
         report.write_json(out("op_bench") + ".json", meta, {"records": records})
         report.speedup_chart(records, out("speedup") + ".png")
+        report.floors_chart(records, out("floors") + ".png")
     if "overhead" in args.only:
         import overhead
 

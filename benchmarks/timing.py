@@ -1,5 +1,8 @@
 """Timing, bandwidth floor and memory measurement shared by the benchmarks."""
 
+import concurrent.futures
+import functools
+import os
 import statistics
 import time
 
@@ -15,6 +18,21 @@ def median_ms(samples):
     return 1e3 * statistics.median(samples)
 
 
+LLC_FALLBACK = 32 * 2**20
+
+
+def llc_bytes(path="/sys/devices/system/cpu/cpu0/cache/index3/size"):
+    """The last-level (L3) cache size in bytes as Linux reports it ("32768K"); 32 MiB where
+    the file is missing or unreadable."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return int(text[:-1]) * units[text[-1].upper()] if text[-1].isalpha() else int(text)
+    except (OSError, ValueError, KeyError, IndexError):
+        return LLC_FALLBACK
+
+
 def stream_copiers(nbytes):
     """Callables copying nbytes with tfbn._core.stream_copy (it moves 2 x nbytes) on one
     thread and on every core. Both are timed because on a small shared machine starting
@@ -22,12 +40,68 @@ def stream_copiers(nbytes):
 
     Both buffers are written once up front so that page faults are not timed.
     """
-    src = np.ones(nbytes, np.uint8)
-    dst = np.zeros(nbytes, np.uint8)
+    src, dst = _buffers(nbytes)
     return {
         "1 thread": lambda: _core.stream_copy(src, dst, threads=1),
         "all cores": lambda: _core.stream_copy(src, dst, threads=0),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def _buffers(nbytes):
+    # Kept from one case to the next (most cases ask for the same size): no fresh pages.
+    return np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+
+
+def dram_bytes(nbytes, llc=None):
+    """The DRAM yardstick's buffer size: at least 4 x the last-level cache, so that the
+    copy streams from and to memory whatever the tensor's size."""
+    return max(nbytes, 4 * (llc or llc_bytes()))
+
+
+def dram_copiers(nbytes, llc=None):
+    """{name: (callable, bytes moved per call)}: stream_copy (non-temporal stores) of
+    dram_bytes(nbytes), on one thread and on every core; the faster gives the DRAM
+    bandwidth."""
+    size = dram_bytes(nbytes, llc)
+    return {"dram " + name: (fn, 2 * size) for name, fn in stream_copiers(size).items()}
+
+
+CACHE_COPIES = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers):
+    return concurrent.futures.ThreadPoolExecutor(workers)
+
+
+def cache_copiers(llc=None, copies=CACHE_COPIES):
+    """{name: (callable, bytes moved per call)}: a copy with ordinary stores (np.copyto)
+    of a buffer of a quarter of the last-level cache, so that source and destination stay
+    in it. One call makes `copies` back-to-back copies, the first warming the cache after
+    round_robin's untimed call has already done so: the timed figure is the warm per-copy
+    time. On one thread and split over every core (numpy releases the GIL while copying);
+    the faster gives the cache bandwidth."""
+    size = (llc or llc_bytes()) // 4
+    src, dst = np.ones(size, np.uint8), np.zeros(size, np.uint8)
+    cores = os.cpu_count() or 1
+    step = -(-size // cores)
+    parts = [(src[i:i + step], dst[i:i + step]) for i in range(0, size, step)]
+    pool = _pool(len(parts))
+
+    def part(s, d):
+        for _ in range(copies):
+            np.copyto(d, s)
+
+    def one_thread():
+        part(src, dst)
+
+    def all_cores():
+        for f in [pool.submit(part, s, d) for s, d in parts]:
+            f.result()
+
+    moved = 2 * size * copies
+    return {"cache 1 thread": (one_thread, moved), "cache all cores": (all_cores, moved)}
 
 
 def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
