@@ -7,6 +7,8 @@ benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].j
 speedup[-quick].png and floors[-quick].png (each contender against the DRAM and cache floors);
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
+Part "onednn" (onednn.py, tfbn with TF_ENABLE_ONEDNN_OPTS=0 and =1, each setting in child
+processes) writes onednn[-quick].json.
 Part "resnet" (e2e_resnet.py, ResNet-50 with Keras BN vs tfbn.convert) writes
 e2e_resnet[-quick].json.
 """
@@ -23,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "e2e", "resnet", "renorm_mask", "epilogue", "distributed")
+PARTS = ("op", "overhead", "onednn", "e2e", "resnet", "renorm_mask", "epilogue", "distributed")
 
 
 def _args():
@@ -106,6 +108,13 @@ def main():
         res = overhead.run(quick=args.quick)
         print(report.overhead_table(res))
         report.write_json(out("overhead") + ".json", meta, res)
+    if "onednn" in args.only:
+        import onednn
+
+        print("\ntfbn with oneDNN off and on (child processes) ...", flush=True)
+        res = onednn.run(quick=args.quick, dtypes=args.dtypes)
+        print(onednn.table(res))
+        report.write_json(out("onednn") + ".json", meta, res)
     if "e2e" in args.only:
         import e2e_digits
 
