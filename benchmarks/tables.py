@@ -73,6 +73,19 @@ def flag(r):
     return "!" if r.get("agrees") is False else ""
 
 
+def pct_dram(r):
+    """% of the DRAM floor; results from before the cache floor call it pct_floor."""
+    return r.get("pct_dram_floor", r.get("pct_floor"))
+
+
+def pct(value):
+    return f"{value:.0f}%" if value is not None else "n/a"
+
+
+def tf_over_core(rec):
+    return f"{rec['tf_over_core']:.2f}x" if "tf_over_core" in rec else "n/a"
+
+
 def op_records(dtype=None, mode=None):
     data = load("op_bench.json")
     return data, [r for r in data["records"] if (dtype is None or r["dtype"] == dtype)
@@ -92,10 +105,11 @@ def op_float32_train():
             r = res[name]
             cells.append(f"{r['ms']:.1f} ms{flag(r)} ({r['speedup']:.2f}x)" if "ms" in r
                          else "n/a")
-        cells.append(f"{res['tfbn']['pct_floor']:.0f}%")
+        cells += [pct(pct_dram(res["tfbn"])), pct(res["tfbn"].get("pct_cache_floor")),
+                  tf_over_core(rec)]
         rows.append(cells)
     head = ["shape", "tfbn", "FusedBatchNormV3 (tfbn's speed-up)", "Keras (speed-up)",
-            "tfbn % of floor"]
+            "tfbn % of DRAM floor", "% of cache floor", "TF op / core"]
     return table(head, rows) + source(data, "op_bench.json")
 
 
@@ -113,11 +127,13 @@ def op_summary():
                        if "speedup" in r["results"][name]]
                 wrong = sum(r["results"][name].get("agrees") is False for r in group)
                 cells.append(span(ups) + (f" ({wrong}!)" if wrong else ""))
-            floor = [r["results"]["tfbn"]["pct_floor"] for r in group]
-            cells.append(span(floor, "{:.0f}%"))
+            floors = [[f(r["results"]["tfbn"]) for r in group]
+                      for f in (pct_dram, lambda r: r.get("pct_cache_floor"))]
+            cells += [span([v for v in values if v is not None], "{:.0f}%") for values in floors]
+            cells.append(span([r["tf_over_core"] for r in group if "tf_over_core" in r]))
             rows.append(cells)
     head = ["dtype", "mode", "over FusedBatchNormV3", "over Keras", "over tf.nn composite",
-            "tfbn % of floor"]
+            "tfbn % of DRAM floor", "% of cache floor", "TF op / core"]
     return table(head, rows) + source(data, "op_bench.json")
 
 
@@ -158,11 +174,44 @@ def memory():
 
 def overhead():
     data = load("overhead.json")
-    rows = [[name, f"{us:.0f} us"] for name, us in data["us_per_call"].items()]
-    return (table(["call", "time per call"], rows)
-            + f"\nTraining forward on {tuple(data['shape'])} {data['dtype']}, median of "
-              f"{data['samples']} samples of {data['calls_per_sample']} calls.\n"
+    shapes = data.get("shapes", [data])  # results before "shapes": (256, 64) only
+    calls = list(shapes[0]["us_per_call"])
+    rows = [[name] + [f"{rec['us_per_call'][name]:.0f} us" if name in rec["us_per_call"]
+                      else "n/a" for rec in shapes] for name in calls]
+    head = ["call"] + [f"{tuple(rec['shape'])}" for rec in shapes]
+    return (table(head, rows)
+            + f"\nTraining forward, {data['dtype']}, time per call: median of "
+              f"{data['samples']} samples of {data['calls_per_sample']} calls. FusedBatchNormV3 "
+              "takes an [N, C] tensor reshaped (once, outside the timed calls) to "
+              "[N, 1, 1, C].\n"
             + source(data, "overhead.json"))
+
+
+def onednn():
+    if not os.path.exists(os.path.join(RESULTS, "onednn.json")):
+        return ("\n_No `benchmarks/results/onednn.json` yet: the next full `make bench` "
+                "writes it._\n")
+    data = load("onednn.json")
+    rows = []
+    for rec in data["records"]:
+        cells = [f"{shape(rec)} {rec['layout']}", rec["dtype"], MODE_NAMES[rec["mode"]]]
+        for name in ("tfbn", "fused_v3"):
+            r = rec["results"][name]
+            cells.append(f"{r['ms_off']:.1f} ms / {r['ms_on']:.1f} ms ({r['off_over_on']:.2f}x)"
+                         if "ms_off" in r else "n/a")
+        rows.append(cells)
+    head = ["shape", "dtype", "mode", "tfbn: off / on (off over on)",
+            "FusedBatchNormV3: off / on (off over on)"]
+    logged = data.get("onednn_logged_on", {})
+    checked = (all(not v for v in logged.get("off", [True]))
+               and all(logged.get("on", [False])))
+    return (table(head, rows)
+            + f"\nMedian over {data['rounds']} rounds of one child process per setting, each "
+              f"taking medians of {data['reps_per_child']} interleaved runs; the settings "
+              "alternate. TensorFlow's own log line "
+              + ("confirms" if checked else "does not confirm")
+              + " the setting in every child.\n"
+            + source(data, "onednn.json"))
 
 
 def e2e():
@@ -304,6 +353,7 @@ def readme_status():
     _, train = op_records("float32", "train_bwd")
     up = lambda name: span([r["results"][name]["speedup"] for r in train  # noqa: E731
                             if "speedup" in r["results"][name]])
+    floor = span([pct_dram(r["results"]["tfbn"]) for r in train], "{:.0f}%")
     g = load("gpu/bench_gpu.json")["results"]
     gpu_up = lambda dt, lay: span([r["speedup_vs_torch"] for r in g  # noqa: E731
                                    if r["dtype"] == dt and r["layout"] == lay])
@@ -313,7 +363,7 @@ def readme_status():
     rows = [
         ["CPU", "every op, float16/bfloat16/float32/float64, any axis",
          f"float32 training step: {up('fused_v3')} over FusedBatchNormV3, {up('keras')} over "
-         "Keras"],
+         f"Keras; {floor} of the DRAM floor"],
         ["GPU (CUDA)", "fused op forward and gradient; the rest runs on the host",
          f"fp32 NHWC {gpu_up('float32', 'channels_last')}, bf16 NHWC "
          f"{gpu_up('bfloat16', 'channels_last')} over PyTorch (kernels only)"],
@@ -332,6 +382,7 @@ def readme_status():
 TABLES = {
     "op-float32-train": op_float32_train, "op-summary": op_summary,
     "half-precision": half_precision, "memory": memory, "overhead": overhead, "e2e": e2e,
+    "onednn": onednn,
     "renorm-mask": renorm_mask, "epilogue": epilogue, "distributed": distributed,
     "gpu": gpu, "readme-status": readme_status, "e2e-resnet": e2e_resnet,
     "bn-after-conv": bn_after_conv,
