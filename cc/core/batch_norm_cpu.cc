@@ -2,6 +2,7 @@
 #include "core/batch_norm.h"
 #include "core/batch_norm_math.h"
 #include "core/cpu_kernel_select.h"
+#include "core/huge_pages.h"
 #include "core/instantiate.h"
 #include "core/partition.h"
 
@@ -22,9 +23,15 @@ using partition::kPieceElements;
 // traffic.
 constexpr int64_t kStreamBytes = int64_t{4} << 20;
 
+// Readies an output of layout's size about to be written: asks for transparent huge pages
+// where it is large (see AdviseHugePages) and says whether to write it with non-temporal
+// stores.
 template <typename T>
-bool StreamOutput(const Layout& layout) {
-  return layout.size() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+bool PrepareOutput(const Layout& layout, T* out) {
+  const int64_t bytes = layout.size() * static_cast<int64_t>(sizeof(T));
+  if (bytes < kStreamBytes) return false;
+  if (out != nullptr) AdviseHugePages(out, bytes);
+  return true;
 }
 
 // Partials per block: mean and M2 (or two gradient sums), a double each per channel.
@@ -160,7 +167,7 @@ template <typename T, typename U>
 void ApplyAffine(const Layout& layout, const T* x, const U* mean_hi, const U* mean_lo, const U* a,
                  const U* b, T* y, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
-  const bool stream = StreamOutput<T>(layout);
+  const bool stream = PrepareOutput(layout, y);
   const int64_t C = layout.channels;
   const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C);
   const auto pa = Padded(a, C), pb = Padded(b, C);
@@ -196,7 +203,7 @@ template <typename T, typename U>
 void ApplyGrad(const Layout& layout, const T* dy, const T* x, const U* mean_hi, const U* mean_lo,
                const U* ga, const U* gb, const U* gc, T* dx, const ParallelFor& parallel_for) {
   const auto& k = Kernels<T, U>();
-  const bool stream = StreamOutput<T>(layout);
+  const bool stream = PrepareOutput(layout, dx);
   const int64_t C = layout.channels;
   const auto ph = Padded(mean_hi, C), pl = Padded(mean_lo, C), pa = Padded(ga, C);
   const auto pb = gb ? Padded(gb, C) : std::vector<U>(), pc = gb ? Padded(gc, C) : std::vector<U>();
@@ -250,7 +257,7 @@ void BatchNormForwardEpilogue(const Layout& layout, const T* x, const U* scale, 
     return;
   }
   const auto& k = Kernels<T, U>();
-  const bool stream = StreamOutput<T>(layout);
+  const bool stream = PrepareOutput(layout, y);
   const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C);
   const auto pa = Padded(a.data(), C), pb = Padded(b.data(), C);
   const auto* res = residual ? Raw(residual) : nullptr;
@@ -304,7 +311,7 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
   } else {
     // Where dresidual is wanted the sums pass writes dz there (an output, not a
     // temporary), and the apply pass reads it in place of dy instead of recomputing z.
-    const bool stream = StreamOutput<T>(layout);
+    const bool stream = PrepareOutput(layout, dresidual);
     auto* dz = dresidual ? Raw(dresidual) : nullptr;
     const int64_t inner = layout.inner;
     ReducePerChannel(
@@ -342,13 +349,15 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
     ApplyGrad(layout, dz, x, hi.data(), lo.data(), ga.data(), full ? gb.data() : nullptr,
               full ? gc.data() : nullptr, dx, parallel_for);
     if (!plain) return;
-    if (dresidual != nullptr)
+    if (dresidual != nullptr) {
+      PrepareOutput(layout, dresidual);
       ForEachPiece(layout, 1, parallel_for,
                    [&](int64_t e0, int64_t e1) { std::copy(dy + e0, dy + e1, dresidual + e0); });
+    }
     return;
   }
   // No dresidual output, or a half-precision one: the last pass recomputes z.
-  const bool stream = StreamOutput<T>(layout);
+  const bool stream = PrepareOutput(layout, dx);
   const auto ph = Padded(hi.data(), C), pl = Padded(lo.data(), C), pa = Padded(a.data(), C);
   const auto pb = Padded(b.data(), C), pga = Padded(ga.data(), C);
   const auto pgb = full ? Padded(gb.data(), C) : std::vector<U>();

@@ -15,6 +15,7 @@
 #include "core/batch_norm.h"
 #include "core/batch_norm_math.h"
 #include "core/cpu_kernel_select.h"
+#include "core/huge_pages.h"
 #include "core/instantiate.h"
 #include "core/partition.h"
 #include "core/split_coefficients.h"
@@ -175,6 +176,7 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
       static_cast<double>(wscale), epsilon, dscale, doffset);
   const U* hi = mean;
   const auto& k = cpu::Kernels<T, U>();
+  AdviseHugePages(dx, layout.size() * static_cast<int64_t>(sizeof(T)));
   if (inner == 1) {
     const int64_t R = WeightedRowsPerCall(C);
     std::vector<U> th(R * C), tl(R * C), ta(R * C), tb(R * C), tc(R * C);  // tiled R times
