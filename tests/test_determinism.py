@@ -14,7 +14,7 @@ import tfbn
 from tfbn import _core
 
 PROBE = os.path.join(os.path.dirname(__file__), "helpers", "determinism_probe.py")
-ISAS = ("generic", "avx2", "avx512")
+ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
 SUPPORTED = _core.cpu_instruction_set_info()["supported"]
 
 
@@ -52,7 +52,8 @@ def test_a_forced_instruction_set_really_runs(forced, isa):
 
 
 def test_same_bits_for_every_instruction_set(forced):
-    """Generic, AVX2 and AVX-512 kernels (each one that runs here) give the same bytes."""
+    """Generic, AVX2, AVX-512 and AVX-512 BF16 kernels (each one that runs here) give the
+    same bytes."""
     if len(forced) < 2:
         pytest.skip(f"only {' '.join(SUPPORTED)} runs here: nothing to compare")
     digests = {isa: result["digest"] for isa, result in forced.items()}

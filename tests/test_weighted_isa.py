@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-ISAS = ("generic", "avx2", "avx512")
+ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
 # (shape, axis): rows of 3 and 37 channels (several rows per pass), 600 and 1030 (wider
 # than a buffer), planar with planes of 1, 7x9 and 40x40.
 LAYOUTS = [((64, 5, 3), -1), ((6, 11, 37), -1), ((40, 600), -1), ((8, 4, 1030), -1),

@@ -34,9 +34,9 @@ const ParallelFor& SerialFor();
 // memory-bandwidth yardstick the benchmarks compare the kernels with.
 void StreamCopy(const void* src, void* dst, int64_t nbytes, const ParallelFor& parallel_for);
 
-// The instruction set whose CPU kernels run ("avx512", "avx2" or "generic"): the best this
-// processor supports, or the one the environment variable TFBN_CPU_ISA names (chosen once,
-// at the first kernel call). A TFBN_CPU_ISA that cannot be honoured (unknown, or not
+// The instruction set whose CPU kernels run ("avx512_bf16", "avx512", "avx2" or "generic"):
+// the best this processor supports, or the one the environment variable TFBN_CPU_ISA names
+// (chosen once, at the first kernel call). A TFBN_CPU_ISA that cannot be honoured (unknown, or not
 // supported here) leaves the best supported set running, with a warning on stderr.
 const char* CpuInstructionSet();
 // The instruction sets this processor and build support, space-separated ("generic avx2").

@@ -22,18 +22,20 @@ struct Choice {
 
 Choice Choose() {
   Choice choice;
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, avx512_bf16 = false;
 #if defined(TFBN_X86_ISAS)
   avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
   avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
   const CpuKernelTable* best = &GenericCpuKernels();
   choice.supported = "generic";
 #if defined(TFBN_X86_ISAS)
   if (avx2) best = &Avx2CpuKernels(), choice.supported += " avx2";
   if (avx512) best = &Avx512CpuKernels(), choice.supported += " avx512";
+  if (avx512_bf16) best = &Avx512Bf16CpuKernels(), choice.supported += " avx512_bf16";
 #endif
   choice.table = best;
   const char* forced = std::getenv("TFBN_CPU_ISA");
@@ -42,11 +44,13 @@ Choice Choose() {
   const std::string name = forced;
   if (name == "generic") {
     choice.table = &GenericCpuKernels();
-  } else if (name == "avx2" || name == "avx512") {
-    const bool have = name == "avx2" ? avx2 : avx512;
+  } else if (name == "avx2" || name == "avx512" || name == "avx512_bf16") {
+    const bool have = name == "avx2" ? avx2 : name == "avx512" ? avx512 : avx512_bf16;
     if (have) {
 #if defined(TFBN_X86_ISAS)
-      choice.table = name == "avx2" ? &Avx2CpuKernels() : &Avx512CpuKernels();
+      choice.table = name == "avx2"     ? &Avx2CpuKernels()
+                     : name == "avx512" ? &Avx512CpuKernels()
+                                        : &Avx512Bf16CpuKernels();
 #endif
     } else {
       choice.warning = "TFBN_CPU_ISA=" + name +
@@ -57,7 +61,7 @@ Choice Choose() {
   } else {
     choice.warning = "TFBN_CPU_ISA=" + name +
                      " is not an instruction set of tfbn (generic, "
-                     "avx2 or avx512); the " +
+                     "avx2, avx512 or avx512_bf16); the " +
                      std::string(best->isa) + " kernels run";
   }
   if (!choice.warning.empty()) std::fprintf(stderr, "tfbn: warning: %s\n", choice.warning.c_str());

@@ -109,5 +109,6 @@ const CpuKernelTable& BestCpuKernels();
 const CpuKernelTable& GenericCpuKernels();
 const CpuKernelTable& Avx2CpuKernels();
 const CpuKernelTable& Avx512CpuKernels();
+const CpuKernelTable& Avx512Bf16CpuKernels();
 
 }  // namespace tfbn
