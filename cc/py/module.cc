@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "core/batch_norm.h"
 #if TFBN_WITH_CUDA
@@ -25,8 +29,20 @@ namespace py = pybind11;
 namespace tfbn {
 namespace {
 
-// Splits [0, n) into one contiguous range per thread. The core's results do not depend
-// on how the work is split.
+// Worker threads kept for the process, one pool per thread count: starting threads on
+// every pass would cost more than a pass over a cache-sized tensor, and the benchmarks
+// compare these kernels with the op on TensorFlow's pool.
+Eigen::ThreadPool& Workers(int threads) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<Eigen::ThreadPool>> pools;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& pool = pools[threads];
+  if (!pool) pool = std::make_unique<Eigen::ThreadPool>(threads - 1);  // + the caller
+  return *pool;
+}
+
+// Splits [0, n) into one contiguous range per thread, the first on the calling thread. The
+// core's results do not depend on how the work is split.
 ParallelFor ThreadsFor(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return [threads](int64_t n, int64_t, const RangeFn& fn) {
@@ -35,10 +51,15 @@ ParallelFor ThreadsFor(int threads) {
       if (n > 0) fn(0, n);
       return;
     }
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < k; ++t) pool.emplace_back(fn, n * t / k, n * (t + 1) / k);
+    Eigen::ThreadPool& pool = Workers(threads);
+    Eigen::Barrier done(static_cast<unsigned>(k - 1));
+    for (int64_t t = 1; t < k; ++t)
+      pool.Schedule([&fn, &done, n, k, t] {
+        fn(n * t / k, n * (t + 1) / k);
+        done.Notify();
+      });
     fn(0, n / k);
-    for (auto& th : pool) th.join();
+    done.Wait();
   };
 }
 
@@ -308,8 +329,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("stream_copy", &tfbn::StreamCopyBuffers, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
   m.def("cpu_instruction_set", &tfbn::CpuInstructionSet,
-        "The instruction set whose CPU kernels run here: avx512, avx2 or generic (the best "
-        "supported, or the one TFBN_CPU_ISA names where this processor supports it).");
+        "The instruction set whose CPU kernels run here: avx512_bf16, avx512, avx2 or generic "
+        "(the best supported, or the one TFBN_CPU_ISA names where this processor supports "
+        "it).");
   m.def("cpu_instruction_set_info", &tfbn::CpuInstructionSetInfo,
         "The CPU kernels' instruction set: a dict of 'isa' (the one that runs), 'supported' "
         "(a list), 'requested' (TFBN_CPU_ISA, None when unset) and 'warning' (why the request "
