@@ -16,6 +16,7 @@ or `python benchmarks/run.py --only onednn` (results/onednn[-quick].json).
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,11 @@ QUICK_CASES = CASES[:1]
 DTYPES = ("float32", "bfloat16")
 MODES = ("train_fwd", "train_bwd")
 CONTENDERS = ("tfbn", "fused_v3")
-SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS: off, on
+# TF_ENABLE_ONEDNN_OPTS off, on, and off with TensorFlow's caching (BFC) CPU allocator, which
+# oneDNN brings along when on: what a user who turns oneDNN off can set to keep op outputs
+# from being fresh, zero-filled pages on every call.
+SETTINGS = ("0", "1", "0b")
+SETTING_NAMES = {"0": "off", "1": "on", "0b": "off_bfc"}
 ONEDNN_ON_LOG = "oneDNN custom operations are on"
 
 
@@ -64,16 +69,28 @@ def child(cases, dtypes, reps):
                 samples = round_robin(fns, reps, reps, budget_s=0.0)[0] if fns else {}
                 ms.update({name: median_ms(s) for name, s in samples.items()})
                 records.append({"shape": list(shape), "axis": axis, "layout": layout,
-                                "dtype": dtype, "mode": mode, "ms": ms})
+                                "dtype": dtype, "mode": mode, "ms": ms,
+                                "faults": {name: page_faults(fn) for name, fn in fns.items()}})
             del inputs
     return records
+
+
+def page_faults(fn, calls=5):
+    """Minor page faults per call of fn (first touches of fresh memory), after the timing."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 # ---- parent: alternate the settings ----------------------------------------------------
 
 
 def _run_child(setting, cases, dtypes, reps):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="0")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting[0], TF_CPP_MIN_LOG_LEVEL="0")
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if setting == "0b":
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     command = [sys.executable, os.path.abspath(__file__), "--child", "--reps", str(reps),
                "--cases", json.dumps(cases), "--dtypes", *dtypes]
     proc = subprocess.run(command, env=env, cwd=HERE, capture_output=True, text=True)
@@ -96,7 +113,7 @@ def run(quick=False, rounds=None, reps=None, dtypes=None, log=sys.stderr):
             records, on = _run_child(setting, cases, dtypes, reps)
             runs[setting].append(records)
             log_says_on[setting].append(on)
-            print(f"  round {r + 1}/{rounds}, TF_ENABLE_ONEDNN_OPTS={setting}: "
+            print(f"  round {r + 1}/{rounds}, oneDNN {SETTING_NAMES[setting]}: "
                   f"TensorFlow logged oneDNN {'on' if on else 'off'}", file=log, flush=True)
     out = []
     for i, base in enumerate(runs[SETTINGS[0]][0]):
@@ -109,15 +126,23 @@ def run(quick=False, rounds=None, reps=None, dtypes=None, log=sys.stderr):
                           if not isinstance(v, float))
                 rec["results"][name] = {"na": na}
                 continue
-            off, on = (statistics.median(per[s]) for s in SETTINGS)
+            off, on, off_bfc = (statistics.median(per[s]) for s in SETTINGS)
+            faults = {s: statistics.median(rs[i]["faults"][name] for rs in runs[s])
+                      for s in SETTINGS}
             rec["results"][name] = {"ms_off": off, "ms_on": on, "off_over_on": off / on,
-                                    "rounds_ms_off": per["0"], "rounds_ms_on": per["1"]}
+                                    "ms_off_bfc": off_bfc, "off_bfc_over_on": off_bfc / on,
+                                    "rounds_ms_off": per["0"], "rounds_ms_on": per["1"],
+                                    "rounds_ms_off_bfc": per["0b"],
+                                    "page_faults_off": faults["0"],
+                                    "page_faults_on": faults["1"],
+                                    "page_faults_off_bfc": faults["0b"]}
         out.append(rec)
     ratios = [r["results"]["tfbn"]["off_over_on"] for r in out
               if "off_over_on" in r["results"]["tfbn"]]
     return {
-        "rounds": rounds, "reps_per_child": reps, "settings": {"off": "0", "on": "1"},
-        "onednn_logged_on": {("off" if s == "0" else "on"): v for s, v in log_says_on.items()},
+        "rounds": rounds, "reps_per_child": reps, "settings": {"off": "0", "on": "1",
+                     "off_bfc": "0 with TF_CPU_ALLOCATOR_USE_BFC=true"},
+        "onednn_logged_on": {SETTING_NAMES[s]: v for s, v in log_says_on.items()},
         "records": out,
         "tfbn_max_deviation": max(abs(x - 1.0) for x in ratios) if ratios else None,
     }
@@ -128,19 +153,21 @@ def table(res):
                  f"{res['rounds']} rounds of children each taking medians of "
                  f"{res['reps_per_child']} runs",
              f"{'shape':18s} {'layout':6s} {'dtype':8s} {'mode':9s} |"
-             + "".join(f" {n + ' off':>12s} {n + ' on':>12s} {'off/on':>6s} |"
+             + "".join(f" {n + ' off':>12s} {n + ' on':>12s} {'off/on':>6s} {'+BFC':>6s} |"
                        for n in CONTENDERS)]
     for rec in res["records"]:
         row = (f"{str(tuple(rec['shape'])):18s} {rec['layout']:6s} {rec['dtype']:8s} "
                f"{rec['mode']:9s} |")
         for name in CONTENDERS:
             r = rec["results"][name]
-            row += (f" {r['ms_off']:12.2f} {r['ms_on']:12.2f} {r['off_over_on']:6.2f} |"
-                    if "ms_off" in r else f" {'n/a':>12s} {'n/a':>12s} {'':6s} |")
+            row += (f" {r['ms_off']:12.2f} {r['ms_on']:12.2f} {r['off_over_on']:6.2f}"
+                    f" {r['off_bfc_over_on']:6.2f} |"
+                    if "ms_off" in r else f" {'n/a':>12s} {'n/a':>12s} {'':6s} {'':6s} |")
         lines.append(row)
     logged = res["onednn_logged_on"]
     lines.append(f"  TensorFlow logged oneDNN on: off children {logged['off']}, "
-                 f"on children {logged['on']}")
+                 f"on children {logged['on']}, off+BFC children {logged['off_bfc']}")
+    lines.append("  +BFC: off with TF_CPU_ALLOCATOR_USE_BFC=true, over on")
     if res["tfbn_max_deviation"] is not None:
         lines.append(f"  tfbn off/on furthest from 1: {100 * res['tfbn_max_deviation']:.1f}% "
                      "(target: within 10%)")

@@ -197,18 +197,27 @@ def onednn():
         cells = [f"{shape(rec)} {rec['layout']}", rec["dtype"], MODE_NAMES[rec["mode"]]]
         for name in ("tfbn", "fused_v3"):
             r = rec["results"][name]
-            cells.append(f"{r['ms_off']:.1f} ms / {r['ms_on']:.1f} ms ({r['off_over_on']:.2f}x)"
+            cells.append(f"{r['ms_off']:.1f} / {r['ms_on']:.1f} ms ({r['off_over_on']:.2f}x)"
                          if "ms_off" in r else "n/a")
+            cells.append(f"{r['ms_off_bfc']:.1f} ms ({r['off_bfc_over_on']:.2f}x)"
+                         if "ms_off_bfc" in r else "n/a")
+            if name == "tfbn":
+                cells.append(f"{r['page_faults_off']:.0f} / {r['page_faults_on']:.0f} / "
+                             f"{r['page_faults_off_bfc']:.0f}"
+                             if "page_faults_off_bfc" in r else "n/a")
         rows.append(cells)
-    head = ["shape", "dtype", "mode", "tfbn: off / on (off over on)",
-            "FusedBatchNormV3: off / on (off over on)"]
+    head = ["shape", "dtype", "mode", "tfbn: off / on (off over on)", "tfbn: off + BFC (over on)",
+            "tfbn page faults per call: off / on / off + BFC",
+            "FusedBatchNormV3: off / on (off over on)", "FusedBatchNormV3: off + BFC (over on)"]
     logged = data.get("onednn_logged_on", {})
     checked = (all(not v for v in logged.get("off", [True]))
+               and all(not v for v in logged.get("off_bfc", [True]))
                and all(logged.get("on", [False])))
     return (table(head, rows)
             + f"\nMedian over {data['rounds']} rounds of one child process per setting, each "
               f"taking medians of {data['reps_per_child']} interleaved runs; the settings "
-              "alternate. TensorFlow's own log line "
+              "alternate. off + BFC: oneDNN off with `TF_CPU_ALLOCATOR_USE_BFC=true`. Page "
+              "faults: per call, median over the rounds. TensorFlow's own log line "
               + ("confirms" if checked else "does not confirm")
               + " the setting in every child.\n"
             + source(data, "onednn.json"))
