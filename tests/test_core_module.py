@@ -101,6 +101,38 @@ def test_errors_name_the_argument():
         core.batch_norm_forward(np.ones((2, 2), np.int32))
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_out_receives_y_and_dx_with_the_same_bits(dtype_name):
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, (6, 5, 40)).astype(DTYPES[dtype_name])
+    dy = rng.normal(size=x.shape).astype(x.dtype)
+    scale = rng.uniform(0.5, 1.5, 40).astype(np.float32)
+    y, mean, var, lo = core.batch_norm_forward(x, scale, None)
+    dx = core.batch_norm_backward(dy, x, scale, mean, var, lo)[0]
+    out = np.full_like(x, 7)
+    got = core.batch_norm_forward(x, scale, None, out=out)
+    assert got[0] is out and out.tobytes() == y.tobytes()
+    out = np.full_like(x, 7)
+    got = core.batch_norm_backward(dy, x, scale, mean, var, lo, out=out)
+    assert got[0] is out and out.tobytes() == dx.tobytes()
+    in_place = x.copy()  # y over x itself: every element is read before it is written
+    core.batch_norm_forward(in_place, scale, None, out=in_place)
+    assert in_place.tobytes() == y.tobytes()
+
+
+def test_out_is_checked():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="out must have the dtype and shape of x.*float64"):
+        core.batch_norm_forward(x, out=np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"out must have the dtype and shape of x.*\(3, 4\)"):
+        core.batch_norm_backward(x, x, None, np.zeros(3, np.float32), np.ones(3, np.float32),
+                                 out=np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="out must be C-contiguous and writable"):
+        core.batch_norm_forward(x, out=np.ones((3, 4), np.float32).T)
+    with pytest.raises(ValueError, match="out must be a NumPy array"):
+        core.batch_norm_forward(x, out=[[0.0] * 3] * 4)
+
+
 def test_stream_copy():
     src = np.random.default_rng(2).normal(size=100_003).astype(np.float32)
     dst = np.empty_like(src)

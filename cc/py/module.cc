@@ -158,18 +158,40 @@ std::optional<py::array> ResidualOf(const py::object& residual, const py::array&
   return r;
 }
 
+// Where the kernel writes y (forward) or dx (backward): a new array, or `out`, an existing
+// writable C-contiguous array of x's dtype and shape (it may be x itself: every element is
+// read before it is written). The benchmarks pass one so that NumPy's allocation of a fresh
+// output on every call is not timed.
+py::array OutputLike(const py::object& out, const py::array& x) {
+  const std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  if (out.is_none()) return py::array(x.dtype(), shape);
+  if (!py::isinstance<py::array>(out))
+    throw std::invalid_argument("tfbn: out must be a NumPy array of x's dtype and shape, got " +
+                                std::string(py::repr(out.get_type())));
+  py::array a = py::reinterpret_borrow<py::array>(out);
+  if (!a.dtype().is(x.dtype()) || a.ndim() != x.ndim() ||
+      !std::equal(shape.begin(), shape.end(), a.shape()))
+    throw std::invalid_argument(
+        "tfbn: out must have the dtype and shape of x (" + std::string(py::str(x.dtype())) + ", " +
+        std::string(py::str(x.attr("shape"))) + "), got out of dtype " +
+        std::string(py::str(a.dtype())) + ", shape " + std::string(py::str(a.attr("shape"))));
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument("tfbn: out must be C-contiguous and writable");
+  return a;
+}
+
 template <typename T, typename U>
 py::tuple Forward(py::array x, const py::object& scale, const py::object& offset,
                   const py::object& mean, const py::object& variance,
                   const std::optional<py::array>& residual, Activation activation, int axis,
-                  float epsilon, bool training, int threads) {
+                  float epsilon, bool training, int threads, const py::object& out) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
   auto o = ChannelVector<U>(offset, "offset", C, true);
   auto mu = ChannelVector<U>(mean, "mean", C, training);
   auto var = ChannelVector<U>(variance, "variance", C, training);
-  py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  py::array y = OutputLike(out, x);
   py::array_t<U> bm(C), bv(C), mean_lo(C);
   const T* xp = static_cast<const T*>(x.data());
   const T* resp = residual ? static_cast<const T*>(residual->data()) : nullptr;
@@ -190,7 +212,8 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
                    const py::object& variance, const py::object& mean_lo,
                    const py::object& d_batch_mean, const py::object& d_batch_variance,
                    const py::object& offset, const std::optional<py::array>& residual,
-                   Activation activation, int axis, float epsilon, bool training, int threads) {
+                   Activation activation, int axis, float epsilon, bool training, int threads,
+                   const py::object& out) {
   const Layout layout = ViewAs(x, axis);
   const int64_t C = layout.channels;
   auto s = ChannelVector<U>(scale, "scale", C, true);
@@ -201,7 +224,7 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
   auto dv = ChannelVector<U>(d_batch_variance, "d_batch_variance", C, true);
   auto o = ChannelVector<U>(offset, "offset", C, true);
   const std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
-  py::array dx(x.dtype(), shape);
+  py::array dx = OutputLike(out, x);
   py::array dres(x.dtype(), residual ? shape : std::vector<py::ssize_t>{0});
   py::array_t<U> dscale(C), doffset(C);
   const T* dyp = static_cast<const T*>(dy.data());
@@ -225,7 +248,7 @@ py::tuple Backward(py::array dy, py::array x, const py::object& scale, const py:
 py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& offset,
                      const py::object& mean, const py::object& variance, int axis, float epsilon,
                      bool training, int threads, const py::object& residual,
-                     const py::object& activation) {
+                     const py::object& activation, const py::object& out) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
   const Activation act = ParseActivation(activation);
@@ -233,25 +256,26 @@ py::tuple ForwardAny(py::array x, const py::object& scale, const py::object& off
   switch (KindOf(x, "x")) {
     case Kind::kHalf:
       return Forward<Eigen::half, float>(x, scale, offset, mean, variance, res, act, axis, epsilon,
-                                         training, threads);
+                                         training, threads, out);
     case Kind::kBFloat16:
       return Forward<Eigen::bfloat16, float>(x, scale, offset, mean, variance, res, act, axis,
-                                             epsilon, training, threads);
+                                             epsilon, training, threads, out);
     case Kind::kFloat:
       return Forward<float, float>(x, scale, offset, mean, variance, res, act, axis, epsilon,
-                                   training, threads);
+                                   training, threads, out);
     case Kind::kDouble:
       break;
   }
   return Forward<double, double>(x, scale, offset, mean, variance, res, act, axis, epsilon,
-                                 training, threads);
+                                 training, threads, out);
 }
 
 py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale, const py::object& mean,
                       const py::object& variance, const py::object& mean_lo,
                       const py::object& d_batch_mean, const py::object& d_batch_variance, int axis,
                       float epsilon, bool training, int threads, const py::object& offset,
-                      const py::object& residual, const py::object& activation) {
+                      const py::object& residual, const py::object& activation,
+                      const py::object& out) {
   CheckEpsilon(epsilon);
   x = Contiguous(x);
   dy = Contiguous(dy);
@@ -265,21 +289,21 @@ py::tuple BackwardAny(py::array dy, py::array x, const py::object& scale, const 
     case Kind::kHalf:
       return Backward<Eigen::half, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                           d_batch_variance, offset, res, act, axis, epsilon,
-                                          training, threads);
+                                          training, threads, out);
     case Kind::kBFloat16:
       return Backward<Eigen::bfloat16, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                               d_batch_variance, offset, res, act, axis, epsilon,
-                                              training, threads);
+                                              training, threads, out);
     case Kind::kFloat:
       return Backward<float, float>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                     d_batch_variance, offset, res, act, axis, epsilon, training,
-                                    threads);
+                                    threads, out);
     case Kind::kDouble:
       break;
   }
   return Backward<double, double>(dy, x, scale, mean, variance, mean_lo, d_batch_mean,
                                   d_batch_variance, offset, res, act, axis, epsilon, training,
-                                  threads);
+                                  threads, out);
 }
 
 // Streaming copy of src into dst on `threads` threads, with the kernels' non-temporal
@@ -314,18 +338,21 @@ PYBIND11_MODULE(_core, m) {
         py::arg("variance") = py::none(), py::kw_only(), py::arg("axis") = -1,
         py::arg("epsilon") = 1e-3f, py::arg("training") = true, py::arg("threads") = 0,
         py::arg("residual") = py::none(), py::arg("activation") = py::none(),
+        py::arg("out") = py::none(),
         "Returns (y, batch_mean, batch_variance, mean_lo); with residual and/or activation, "
-        "y = activation(BN(x) + residual).");
+        "y = activation(BN(x) + residual). out: an array of x's dtype and shape to write y "
+        "into (C-contiguous, writable; may be x) instead of a new one.");
   m.def("batch_norm_backward", &tfbn::BackwardAny, py::arg("dy"), py::arg("x"),
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("d_batch_mean") = py::none(), py::arg("d_batch_variance") = py::none(),
         py::kw_only(), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("training") = true,
         py::arg("threads") = 0, py::arg("offset") = py::none(), py::arg("residual") = py::none(),
-        py::arg("activation") = py::none(),
+        py::arg("activation") = py::none(), py::arg("out") = py::none(),
         "Returns (dx, dscale, doffset), and dresidual last where residual is given. The "
         "epilogue's gradient recomputes its input from x, the statistics, scale, offset and "
-        "residual.");
+        "residual. out: an array of x's dtype and shape to write dx into (C-contiguous, "
+        "writable; may be dy or x) instead of a new one.");
   m.def("stream_copy", &tfbn::StreamCopyBuffers, py::arg("src"), py::arg("dst"), py::kw_only(),
         py::arg("threads") = 0, "Copies src into dst (same byte size) on `threads` threads.");
   m.def("cpu_instruction_set", &tfbn::CpuInstructionSet,
