@@ -13,7 +13,9 @@ interleaved with two bandwidth yardsticks that give each case two floors:
 For train_fwd and train_bwd the C++ kernels are also timed without TensorFlow, through
 the pybind11 module (tfbn._core, on NumPy views of the same inputs) as "tfbn_core", in
 the same rounds; tf_over_core = tfbn's time / tfbn_core's time is what TensorFlow's op
-machinery costs on top.
+machinery costs on top. For train_fwd, "tfbn_in_graph" runs GRAPH_OPS forwards in one
+tf.function (its time / GRAPH_OPS): the op's own time inside a graph, without the cost of
+one tf.function call per op; in_graph_over_core = that / tfbn_core's time.
 
 What a timed call covers: a CPU tf.function call returns when its ops have run (the CPU
 device executes them synchronously; the outputs are computed tensors, not futures), so the
@@ -106,24 +108,57 @@ def _numpy(t):
 
 def core_callable(case, mode, inputs):
     """tfbn's kernels through pybind11 (tfbn._core) on NumPy views of the inputs, threads=0
-    as the op uses: training forward, or forward then backward; None for other modes."""
+    as the op uses: training forward, or forward then backward; None for other modes. y and
+    dx go into arrays allocated once (`out=`), as TensorFlow's caching allocator hands the op
+    memory it has used before: a NumPy array per call above glibc's mmap threshold (32 MiB)
+    would be fresh pages to fault in and zero on every call."""
     from tfbn import _core
 
     if mode not in ("train_fwd", "train_bwd"):
         return None
     x, dy = _numpy(inputs.x), _numpy(inputs.dy)
     scale, offset = _numpy(inputs.scale), _numpy(inputs.offset)
+    y, dx = np.empty_like(x), np.empty_like(x)
     kw = {"axis": case.axis, "epsilon": EPSILON}
 
     def forward():
-        return _core.batch_norm_forward(x, scale, offset, training=True, threads=0, **kw)
+        return _core.batch_norm_forward(x, scale, offset, training=True, threads=0, out=y, **kw)
 
     def forward_backward():
-        y, mean, variance, mean_lo = forward()
+        _, mean, variance, mean_lo = forward()
         return y, _core.batch_norm_backward(dy, x, scale, mean, variance, mean_lo, threads=0,
-                                            **kw)
+                                            out=dx, **kw)
 
     return forward if mode == "train_fwd" else forward_backward
+
+
+# Training forwards per call of the "tfbn_in_graph" callable.
+GRAPH_OPS = 8
+
+
+def in_graph_callable(case, mode, inputs):
+    """train_fwd only: one tf.function running GRAPH_OPS tfbn forwards one after the other
+    (each waits on the previous one's output; the epsilons differ so that no two ops are
+    merged as duplicates). Its time / GRAPH_OPS is the op's own time inside a graph, without
+    the per-call cost of a tf.function call (dispatch, waking TensorFlow's pool)."""
+    import tfbn
+
+    if mode != "train_fwd":
+        return None
+    channels = case.shape[case.axis]
+
+    @tf.function
+    def forwards():
+        total = tf.zeros([channels])
+        for i in range(GRAPH_OPS):
+            with tf.control_dependencies([total]):
+                y, mean, _ = tfbn.batch_norm(inputs.x, inputs.scale, inputs.offset,
+                                             axis=case.axis, epsilon=EPSILON * (1 + 1e-3 * i))
+            with tf.control_dependencies([y]):
+                total = total + mean
+        return total
+
+    return forwards
 
 
 def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
@@ -145,6 +180,10 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
     core = core_callable(case, mode, inputs)
     if core is not None:
         timed["tfbn_core"] = core
+    in_graph = in_graph_callable(case, mode, inputs)
+    if in_graph is not None and "tfbn" in fns:
+        in_graph()  # traces
+        timed["tfbn_in_graph"] = in_graph
     llc = llc_bytes()
     yardsticks = {**dram_copiers(nbytes, llc), **cache_copiers(llc)}
     samples, copies = round_robin(timed, reps, min_reps, budget_s,
@@ -186,6 +225,11 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
         record["results"]["tfbn_core"] = timing("tfbn_core")
         if base:
             record["tf_over_core"] = base / record["results"]["tfbn_core"]["ms"]
+    if "tfbn_in_graph" in timed:
+        ms = median_ms(samples["tfbn_in_graph"]) / GRAPH_OPS
+        record["results"]["tfbn_in_graph"] = {"ms": ms, "ops_per_call": GRAPH_OPS}
+        if core is not None:
+            record["in_graph_over_core"] = ms / record["results"]["tfbn_core"]["ms"]
     return record
 
 

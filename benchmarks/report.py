@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 
 from contenders import ANCHORS, CONTENDERS
 
@@ -95,6 +96,11 @@ def op_table(records):
         lines += ["", "tfbn (TensorFlow op) / tfbn_core (pybind11, same kernels): "
                       f"{min(ratios):.2f}x to {max(ratios):.2f}x"
                   + (f"; training forward {min(fwd):.2f}x to {max(fwd):.2f}x" if fwd else "")]
+    in_graph = [rec["in_graph_over_core"] for rec in records if "in_graph_over_core" in rec]
+    if in_graph:
+        lines.append("training forward inside a graph (several ops per tf.function call) / "
+                     f"tfbn_core: {min(in_graph):.2f}x to {max(in_graph):.2f}x, "
+                     f"median {statistics.median(in_graph):.2f}x")
     if notes:
         lines += ["", "n/a and disagreements (!):"]
         for note, where in notes.items():

@@ -131,9 +131,12 @@ def op_summary():
                       for f in (pct_dram, lambda r: r.get("pct_cache_floor"))]
             cells += [span([v for v in values if v is not None], "{:.0f}%") for values in floors]
             cells.append(span([r["tf_over_core"] for r in group if "tf_over_core" in r]))
+            cells.append(span([r["in_graph_over_core"] for r in group
+                               if "in_graph_over_core" in r]))
             rows.append(cells)
     head = ["dtype", "mode", "over FusedBatchNormV3", "over Keras", "over tf.nn composite",
-            "tfbn % of DRAM floor", "% of cache floor", "TF op / core"]
+            "tfbn % of DRAM floor", "% of cache floor", "TF op / core",
+            "TF op in a graph / core"]
     return table(head, rows) + source(data, "op_bench.json")
 
 
