@@ -171,50 +171,66 @@ def write_json(path, meta, payload):
         f.write("\n")
 
 
-def speedup_chart(records, path):
-    """Speedup of tfbn over each anchor per shape: rows dtypes, columns modes, log scale."""
+def _chart_panels(records):
+    """pyplot (Agg backend), NumPy, a figure with one panel per (dtype, mode) of records
+    (rows dtypes, columns modes), its axes, and the panels as (ax, records, first column)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib import ticker
 
     groups = _groups(records)
     dtypes = list(dict.fromkeys(d for d, _ in groups))
     modes = list(dict.fromkeys(m for _, m in groups))
     fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False, sharey=True,
                              figsize=(5.5 * len(modes), 3.8 * len(dtypes)))
-    width = 0.8 / len(ANCHORS)
+    panels = []
     for i, dtype in enumerate(dtypes):
         for j, mode in enumerate(modes):
-            ax, recs = axes[i][j], groups.get((dtype, mode), [])
-            pos = np.arange(len(recs))
-            for k, anchor in enumerate(ANCHORS):
-                vals = [r["results"][anchor].get("speedup", np.nan) for r in recs]
-                # Bars grow from 1x, up where tfbn is faster and down where it is slower.
-                ax.bar(pos + (k - (len(ANCHORS) - 1) / 2) * width, np.array(vals) - 1.0, width,
-                       bottom=1.0, label=anchor)
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_xticks(pos)
-            ax.set_xticklabels([f"{_shape(r)}\n{r['layout']}" for r in recs], rotation=90,
-                               fontsize=6)
-            ax.set_title(f"{dtype} - {mode}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel("speedup of tfbn (x)")
+            recs = groups.get((dtype, mode), [])
+            axes[i][j].set_xticks(np.arange(len(recs)))
+            axes[i][j].set_xticklabels([f"{_shape(r)}\n{r['layout']}" for r in recs],
+                                       rotation=90, fontsize=6)
+            axes[i][j].set_title(f"{dtype} - {mode}", fontsize=9)
+            panels.append((axes[i][j], recs, j == 0))
+    return plt, np, fig, axes, panels
+
+
+def _save_chart(plt, fig, title, path):
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speedup_chart(records, path):
+    """Speedup of tfbn over each anchor per shape: rows dtypes, columns modes, log scale."""
+    from matplotlib import ticker
+
+    plt, np, fig, axes, panels = _chart_panels(records)
+    width = 0.8 / len(ANCHORS)
+    for ax, recs, first_column in panels:
+        pos = np.arange(len(recs))
+        for k, anchor in enumerate(ANCHORS):
+            vals = [r["results"][anchor].get("speedup", np.nan) for r in recs]
+            # Bars grow from 1x, up where tfbn is faster and down where it is slower.
+            ax.bar(pos + (k - (len(ANCHORS) - 1) / 2) * width, np.array(vals) - 1.0, width,
+                   bottom=1.0, label=anchor)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        if first_column:
+            ax.set_ylabel("speedup of tfbn (x)")
     speedups = [rec["results"][a]["speedup"] for rec in records for a in ANCHORS
                 if "speedup" in rec["results"][a]]
     if speedups:  # 0.5x and 2x always show, so that below and above 1 read at a glance
         axes[0][0].set_ylim(min(0.5, min(speedups) / 1.25), max(2.0, max(speedups) * 1.25))
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("tfbn speedup per shape over each anchor (> 1: tfbn faster; missing: n/a)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_chart(plt, fig, "tfbn speedup per shape over each anchor (> 1: tfbn faster; "
+                "missing: n/a)", path)
 
 
 FLOOR_BARS = ("tfbn", "tfbn_core", "fused_v3")
@@ -225,44 +241,24 @@ def floors_chart(records, path):
     mode's least traffic from DRAM), with the cache floor marked on the same scale (where a
     kernel moving that traffic at the cache copy's bandwidth would be): rows dtypes, columns
     modes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    groups = _groups(records)
-    dtypes = list(dict.fromkeys(d for d, _ in groups))
-    modes = list(dict.fromkeys(m for _, m in groups))
-    fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False, sharey=True,
-                             figsize=(5.5 * len(modes), 3.8 * len(dtypes)))
+    plt, np, fig, axes, panels = _chart_panels(records)
     width = 0.8 / len(FLOOR_BARS)
-    for i, dtype in enumerate(dtypes):
-        for j, mode in enumerate(modes):
-            ax, recs = axes[i][j], groups.get((dtype, mode), [])
-            pos = np.arange(len(recs))
-            for k, name in enumerate(FLOOR_BARS):
-                vals = [r["results"].get(name, {}).get(
-                    "pct_dram_floor", r["results"].get(name, {}).get("pct_floor", np.nan))
-                    for r in recs]
-                ax.bar(pos + (k - (len(FLOOR_BARS) - 1) / 2) * width, vals, width, label=name)
-            cache = [100.0 * r["cache_gbps"] / r["dram_gbps"] if "cache_gbps" in r else np.nan
-                     for r in recs]
-            ax.plot(pos, cache, "k_", markersize=18, label="cache floor")
-            ax.axhline(100.0, color="black", linewidth=0.8, label="DRAM floor")
-            for p, r in zip(pos, recs):
-                if r.get("fits_llc"):
-                    ax.annotate("LLC", (p, 0), ha="center", va="bottom", fontsize=6)
-            ax.set_xticks(pos)
-            ax.set_xticklabels([f"{_shape(r)}\n{r['layout']}" for r in recs], rotation=90,
-                               fontsize=6)
-            ax.set_title(f"{dtype} - {mode}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel("% of the DRAM floor")
+    for ax, recs, first_column in panels:
+        pos = np.arange(len(recs))
+        for k, name in enumerate(FLOOR_BARS):
+            vals = [r["results"].get(name, {}).get(
+                "pct_dram_floor", r["results"].get(name, {}).get("pct_floor", np.nan))
+                for r in recs]
+            ax.bar(pos + (k - (len(FLOOR_BARS) - 1) / 2) * width, vals, width, label=name)
+        cache = [100.0 * r["cache_gbps"] / r["dram_gbps"] if "cache_gbps" in r else np.nan
+                 for r in recs]
+        ax.plot(pos, cache, "k_", markersize=18, label="cache floor")
+        ax.axhline(100.0, color="black", linewidth=0.8, label="DRAM floor")
+        for p, r in zip(pos, recs):
+            if r.get("fits_llc"):
+                ax.annotate("LLC", (p, 0), ha="center", va="bottom", fontsize=6)
+        if first_column:
+            ax.set_ylabel("% of the DRAM floor")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Time of the floor / time (higher is faster; LLC: the traffic fits the "
-                 "last-level cache)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_chart(plt, fig, "Time of the floor / time (higher is faster; LLC: the traffic fits "
+                "the last-level cache)", path)
