@@ -47,8 +47,11 @@ def test_module_does_not_need_tensorflow():
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
+# Planar layouts with more channels than the kernels keep sums for at once (1030, 130) and
+# planes longer than a flush stretch (24x24).
 @pytest.mark.parametrize("shape,axis", [((5, 4, 3, 6), -1), ((5, 6, 3, 4), 1), ((40, 9), -1),
-                                        ((2, 3, 4, 5, 6), 2)])
+                                        ((2, 3, 4, 5, 6), 2), ((3, 1030, 2, 5), 1),
+                                        ((9, 130, 24, 24), 1)])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_forward_and_backward_match_reference(shape, axis, dtype_name, training, threads):

@@ -42,7 +42,8 @@ using cpu::Raw;
 
 // Two per-channel double sums over a partition that depends on the shape only.
 //   rows(r0, r1, s1, s2): add rows [r0, r1) of a channels-last layout into s1[C], s2[C];
-//   planar(c, j0, j1, &s1, &s2): sum channel c's per-channel indices [j0, j1).
+//   planar(c0, c1, j0, j1, s1, s2): sum channels [c0, c1) over their per-channel indices
+//   [j0, j1) into s1[c], s2[c].
 template <class RowsFn, class PlanarFn>
 void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& planar,
                       double* out1, double* out2, const ParallelFor& parallel_for) {
@@ -59,11 +60,15 @@ void ReducePerChannel(const Layout& layout, const RowsFn& rows, const PlanarFn& 
       }
     });
   } else {
-    parallel_for(nb * C, block_cost / C + 1, [&](int64_t t0, int64_t t1) {
+    // Tasks are (block, group of channels): a group walks its planes in memory order, and
+    // enough groups keep the threads busy. How channels are grouped does not change a bit.
+    const int64_t group = std::clamp<int64_t>(nb * C / 16, 1, C);
+    const int64_t groups = (C + group - 1) / group;
+    parallel_for(nb * groups, block_cost * group / C + 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / C, c = t % C;
-        planar(c, BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m), &partial[2 * b * C + c],
-               &partial[(2 * b + 1) * C + c]);
+        const int64_t b = t / groups, c0 = (t % groups) * group;
+        planar(c0, std::min(C, c0 + group), BlockBegin(b, nb, m), BlockBegin(b + 1, nb, m),
+               &partial[2 * b * C], &partial[(2 * b + 1) * C]);
       }
     });
   }
@@ -135,8 +140,8 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
           k.moments_rows(Raw(x), C, r0, r1, shift.data(), p1, p2);
         },
-        [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-          k.moments_planar(Raw(x), C, inner, c, j0, j1, shift[c], p1, p2);
+        [&](int64_t c0, int64_t c1, int64_t j0, int64_t j1, double* p1, double* p2) {
+          k.moments_planar(Raw(x), C, inner, c0, c1, j0, j1, shift.data(), p1, p2);
         },
         s1.data(), s2.data(), parallel_for);
     bool far = false;
@@ -193,8 +198,8 @@ void GradSums(const Layout& layout, const T* dy, const T* x, const U* mean_hi, c
       [&](int64_t r0, int64_t r1, double* p1, double* p2) {
         k.grad_sums_rows(Raw(dy), Raw(x), C, r0, r1, mean_hi, mean_lo, p1, p2);
       },
-      [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c, j0, j1, mean_hi[c], mean_lo[c], p1, p2);
+      [&](int64_t c0, int64_t c1, int64_t j0, int64_t j1, double* p1, double* p2) {
+        k.grad_sums_planar(Raw(dy), Raw(x), C, inner, c0, c1, j0, j1, mean_hi, mean_lo, p1, p2);
       },
       sum_dy, sum_dy_xc, parallel_for);
 }
@@ -320,9 +325,9 @@ void BatchNormBackwardEpilogue(const Layout& layout, const T* dy, const T* x, co
           k.epilogue_sums_rows[act](Raw(dy), Raw(x), res, C, r0, r1, hi.data(), lo.data(), a.data(),
                                     b.data(), p1, p2, dz, stream);
         },
-        [&](int64_t c, int64_t j0, int64_t j1, double* p1, double* p2) {
-          k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c, j0, j1, hi[c], lo[c], a[c],
-                                      b[c], p1, p2, dz, stream);
+        [&](int64_t c0, int64_t c1, int64_t j0, int64_t j1, double* p1, double* p2) {
+          k.epilogue_sums_planar[act](Raw(dy), Raw(x), res, C, inner, c0, c1, j0, j1, hi.data(),
+                                      lo.data(), a.data(), b.data(), p1, p2, dz, stream);
         },
         sum_dy.data(), sum_dy_xc.data(), parallel_for);
   }

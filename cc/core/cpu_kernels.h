@@ -19,8 +19,9 @@ struct BFloat16Bits {
 };
 
 // Reductions: "rows" kernels add rows [r0, r1) of a channels-last layout (inner == 1) into
-// per-channel sums; "planar" kernels sum one channel c of an [outer, C, inner] tensor
-// over its per-channel indices [j0, j1) (j = o * inner + i).
+// per-channel sums; "planar" kernels sum channels [c0, c1) of an [outer, C, inner] tensor
+// over their per-channel indices [j0, j1) (j = o * inner + i) into s1[c], s2[c], walking
+// the planes in memory order (the sums do not depend on how the channels are grouped).
 // hi and lo are the mean's two parts (batch_norm.h's mean and mean_lo): x is centred as
 // (x - hi) - lo.
 // The per-channel parameter arrays of the elementwise kernels (hi, lo, a, b, ga, gb, gc)
@@ -32,12 +33,13 @@ template <typename T, typename U>
 struct CpuKernels {
   void (*moments_rows)(const T* x, int64_t C, int64_t r0, int64_t r1, const U* shift, double* s1,
                        double* s2);
-  void (*moments_planar)(const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0, int64_t j1,
-                         U shift, double* s1, double* s2);
+  void (*moments_planar)(const T* x, int64_t C, int64_t inner, int64_t c0, int64_t c1, int64_t j0,
+                         int64_t j1, const U* shift, double* s1, double* s2);
   void (*grad_sums_rows)(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, const U* hi,
                          const U* lo, double* s1, double* s2);
-  void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c, int64_t j0,
-                           int64_t j1, U hi, U lo, double* s1, double* s2);
+  void (*grad_sums_planar)(const T* dy, const T* x, int64_t C, int64_t inner, int64_t c0,
+                           int64_t c1, int64_t j0, int64_t j1, const U* hi, const U* lo, double* s1,
+                           double* s2);
   // Elementwise passes over the flat element range [e0, e1) of an [outer, C, inner]
   // tensor. stream: write with non-temporal stores (outputs too large to stay cached).
   // y = ((x - hi) - lo) * a + b
@@ -59,8 +61,9 @@ struct CpuKernels {
                                 int64_t r1, const U* hi, const U* lo, const U* a, const U* b,
                                 double* s1, double* s2, T* dz, bool stream);
   void (*epilogue_sums_planar[4])(const T* dy, const T* x, const T* residual, int64_t C,
-                                  int64_t inner, int64_t c, int64_t j0, int64_t j1, U hi, U lo, U a,
-                                  U b, double* s1, double* s2, T* dz, bool stream);
+                                  int64_t inner, int64_t c0, int64_t c1, int64_t j0, int64_t j1,
+                                  const U* hi, const U* lo, const U* a, const U* b, double* s1,
+                                  double* s2, T* dz, bool stream);
   // dx = ga * dz + gb * ((x - hi) - lo) + gc (gb == nullptr: dx = ga * dz), z recomputed
   // (the gradient without a dresidual output; with one, grad reads the stored dz).
   void (*epilogue_grad[4])(const T* dy, const T* x, const T* residual, T* dx, int64_t C,
