@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, for a GPU machine without TensorFlow (nvcc, CMake, ninja,
-# pybind11, PyTorch with CUDA, pytest): builds the CUDA core and a CUDA-only tfbn._core
-# (-DTFBN_TF_OPS=OFF), runs tests/gpu, then the benchmark. Results go to the folder given
-# as $1, or $OUT, or ./gpu-results: env.txt, build.log, tests.log (+ junit xml),
-# bench.log, bench_gpu.json, sanitizer.log. Exit status: the first failing step's.
+# Every GPU check in one call, for a GPU machine without TensorFlow (CMake, ninja, pybind11,
+# PyTorch with CUDA, pytest; no nvcc needed): builds a CUDA-only tfbn._core
+# (-DTFBN_TF_OPS=OFF) with the kernels compiled by NVRTC 12.5, runs tests/gpu, then the
+# benchmark. Results go to the folder given as $1, or $OUT, or ./gpu-results: env.txt,
+# build.log, tests.log (+ junit xml), bench.log, bench_gpu.json, sanitizer.log. Exit
+# status: the first failing step's.
 #   benchmarks/gpu/check.sh [OUT_DIR]          TFBN_BENCH_ARGS=--quick for a short bench
-# TFBN_GPU_ARCHS picks the CUDA architectures (default: the release list, sm_75..sm_90+PTX);
+# NVRTC comes from the wheels in build/nvrtc-wheels (TFBN_NVRTC_WHEELS), fetched there with
+#   pip download --no-deps -d build/nvrtc-wheels $(grep ^nvidia-cuda requirements.txt)
+# on a machine with network (the GPU machine may have none: carry the folder along).
+# TFBN_GPU_ARCHS picks the images (default: the release list, sm_60..sm_90 + compute_90);
 # TFBN_SANITIZE=0 skips the compute-sanitizer pass over a few small tests.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -13,15 +17,13 @@ OUT_DIR="$(mkdir -p "${1:-${OUT:-$PWD/gpu-results}}" && cd "${1:-${OUT:-$PWD/gpu
 BUILD="${TFBN_GPU_BUILD_DIR:-$ROOT/build/gpu-check}"
 PY="${PYTHON:-python3}"
 status=0
-if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export PATH="/usr/local/cuda/bin:$PATH"
-fi
+WHEELS="${TFBN_NVRTC_WHEELS:-$ROOT/build/nvrtc-wheels}"
 step() { echo "== $* ($(date +%T))" | tee -a "$OUT_DIR/steps.log"; }
 
 step env
 {
   nvidia-smi || true
-  nvcc --version || true
+  ls "$WHEELS" || true
   cmake --version | head -1
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
   nproc
@@ -29,8 +31,14 @@ step env
 
 step build
 t0=$(date +%s)
-if ! { cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-         -DTFBN_TF_OPS=OFF -DTFBN_CUDA=ON ${TFBN_GPU_ARCHS:+-DTFBN_CUDA_ARCHS="$TFBN_GPU_ARCHS"} \
+# The wheels unpacked side by side give the nvidia/ package CMake looks for.
+NVIDIA_ROOT="$BUILD/nvidia-wheels"
+if ! { ls "$WHEELS"/nvidia_cuda_nvrtc_cu12-*.whl > /dev/null &&
+       mkdir -p "$NVIDIA_ROOT" &&
+       for w in "$WHEELS"/nvidia_cuda_*.whl; do "$PY" -m zipfile -e "$w" "$NVIDIA_ROOT" || exit 1; done &&
+       cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+         -DTFBN_TF_OPS=OFF -DTFBN_CUDA=ON -DTFBN_NVIDIA_ROOT="$NVIDIA_ROOT" \
+         ${TFBN_GPU_ARCHS:+-DTFBN_CUDA_ARCHS="$TFBN_GPU_ARCHS"} \
          -DPython_EXECUTABLE="$(command -v "$PY")" \
          -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
        cmake --build "$BUILD" --parallel; } > "$OUT_DIR/build.log" 2>&1; then

@@ -84,12 +84,11 @@ Result BatchNormBackward(DType dtype, const Layout& layout, const void* dy, cons
 // none; args.activation any). The workspace sizes are the plain op's.
 size_t ForwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout, bool training);
 size_t BackwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout);
-Result BatchNormForwardEpilogue(DType dtype, const Layout& layout, const void* x,
-                                const void* scale, const void* offset, const void* mean,
-                                const void* variance, const void* residual,
-                                const ForwardArgs& args, void* y, void* batch_mean,
-                                void* batch_variance, void* mean_lo, void* workspace,
-                                size_t workspace_bytes, Stream stream);
+Result BatchNormForwardEpilogue(DType dtype, const Layout& layout, const void* x, const void* scale,
+                                const void* offset, const void* mean, const void* variance,
+                                const void* residual, const ForwardArgs& args, void* y,
+                                void* batch_mean, void* batch_variance, void* mean_lo,
+                                void* workspace, size_t workspace_bytes, Stream stream);
 // dresidual nullptr: not wanted. dx, dresidual never alias dy, x or the residual.
 Result BatchNormBackwardEpilogue(DType dtype, const Layout& layout, const void* dy, const void* x,
                                  const void* scale, const void* offset, const void* residual,
@@ -133,10 +132,10 @@ Result GradSums(DType dtype, const Layout& layout, const void* dy, const void* x
 size_t GradApplyWorkspaceBytes(DType dtype, const Layout& layout);
 Result ApplyGradWithSums(DType dtype, const Layout& layout, const void* dy, const void* x,
                          const void* scale, const void* mean, const void* mean_lo,
-                         const void* variance, const double* local_sums,
-                         const double* global_sums, int64_t global_rows, const double* count,
-                         const float* weights, float epsilon, void* dx, void* dscale,
-                         void* doffset, void* workspace, size_t workspace_bytes, Stream stream);
+                         const void* variance, const double* local_sums, const double* global_sums,
+                         int64_t global_rows, const double* count, const float* weights,
+                         float epsilon, void* dx, void* dscale, void* doffset, void* workspace,
+                         size_t workspace_bytes, Stream stream);
 
 // ---- The driver ----
 

@@ -8,7 +8,9 @@
 // parameter type (float, or double for double data).
 #pragma once
 
+#if !defined(__CUDACC_RTC__)  // NVRTC has the device math built in, and no <cmath>
 #include <cmath>
+#endif
 
 #include "core/host_device.h"
 

@@ -8,8 +8,10 @@
 //     per-call protocol overhead (benchmarks).
 // Tensors must be C-contiguous. Outputs are given by the caller (y, dx, statistics), so the
 // module needs no framework to allocate them; the workspace is the caller's (workspace=)
-// or comes from cudaMallocAsync on the same stream. `stream` is a cudaStream_t as an int
-// (0: the legacy default stream), e.g. torch.cuda.current_stream().cuda_stream.
+// or comes from the driver's stream-ordered allocator on the same stream. `stream` is a
+// CUstream / cudaStream_t as an int (0: the legacy default stream), e.g.
+// torch.cuda.current_stream().cuda_stream. Everything goes through the core's driver-API
+// path (core/cuda/driver.h), as the TensorFlow kernels do.
 #include "py/cuda_bindings.h"
 
 #include <pybind11/stl.h>
@@ -19,9 +21,8 @@
 #include <string>
 #include <vector>
 
-#include <cuda_runtime_api.h>
-
 #include "core/batch_norm_cuda.h"
+#include "core/cuda/driver.h"
 
 namespace py = pybind11;
 
@@ -239,30 +240,26 @@ void* ChannelVector(const py::handle& obj, const char* name, cuda::DType dtype, 
   return keep->back().data;
 }
 
-void Check(cudaError_t error, const char* what) {
-  if (error != cudaSuccess)
-    throw std::runtime_error(std::string("tfbn: ") + what + ": " + cuda::ErrorString(error));
+void Check(cuda::Result result, const char* what) {
+  if (result != cuda::kSuccess)
+    throw std::runtime_error(std::string("tfbn: ") + what + ": " + cuda::ErrorString(result));
 }
 
-// Makes the device that holds x current for this thread (this module's CUDA runtime).
-void UseDeviceOf(const void* data, const char* name) {
-  cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, data) != cudaSuccess) {
-    cudaGetLastError();
+// The context that owns the device memory at `data` (where the launch must run when the
+// stream is a default stream, and where the workspace is allocated).
+void* ContextOf(const void* data, const char* name) {
+  void* context = nullptr;
+  int device = -1;
+  if (cuda::PointerContext(data, &context, &device) != cuda::kSuccess)
     Fail(std::string(name) + " is not CUDA device memory");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    Fail(std::string(name) + " is not CUDA device memory");
-  int current = -1;
-  Check(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != attr.device) Check(cudaSetDevice(attr.device), "cudaSetDevice");
+  return context;
 }
 
 // The caller's workspace, or one from the stream-ordered allocator freed after the launch.
 class Workspace {
  public:
-  Workspace(const py::handle& obj, size_t bytes, int64_t stream, cudaStream_t s)
-      : stream_(s), bytes_(bytes) {
+  Workspace(const py::handle& obj, size_t bytes, int64_t stream, cuda::Stream s, void* context)
+      : stream_(s), context_(context), bytes_(bytes) {
     if (bytes == 0) return;
     if (!obj.is_none()) {
       const DeviceArray a = ToDeviceArray(obj, "workspace", stream);
@@ -272,36 +269,26 @@ class Workspace {
       ptr_ = a.data;
       return;
     }
-    const cudaError_t error = cudaMallocAsync(&ptr_, bytes, stream_);
-    if (error == cudaErrorNotSupported) {  // no stream-ordered allocator on this device
-      cudaGetLastError();
-      Check(cudaMalloc(&ptr_, bytes), "cudaMalloc (workspace)");
-      owned_ = kSynchronous;
-      return;
-    }
-    Check(error, "cudaMallocAsync (workspace)");
-    owned_ = kStreamOrdered;
+    Check(cuda::AllocateAsync(context_, bytes, stream_, &ptr_, &synchronous_),
+          "allocating the workspace");
+    owned_ = true;
   }
   ~Workspace() {
-    if (owned_ == kStreamOrdered) {
-      cudaFreeAsync(ptr_, stream_);
-    } else if (owned_ == kSynchronous) {
-      cudaStreamSynchronize(stream_);
-      cudaFree(ptr_);
-    }
+    if (owned_) cuda::FreeAsync(context_, ptr_, stream_, synchronous_);
   }
   void* get() const { return ptr_; }
   size_t bytes() const { return bytes_; }
 
  private:
-  cudaStream_t stream_;
+  cuda::Stream stream_;
+  void* context_;
   size_t bytes_;
   void* ptr_ = nullptr;
-  enum { kBorrowed, kStreamOrdered, kSynchronous } owned_ = kBorrowed;
+  bool owned_ = false, synchronous_ = false;
 };
 
-cudaStream_t AsStream(int64_t stream) {
-  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+cuda::Stream AsStream(int64_t stream) {
+  return reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream));
 }
 
 void CheckEpsilon(float epsilon) {
@@ -330,10 +317,11 @@ void Forward(const py::object& x_obj, const py::object& scale, const py::object&
   void* bm = ChannelVector(batch_mean, "batch_mean", dtype, C, false, stream, &keep);
   void* bv = ChannelVector(batch_variance, "batch_variance", dtype, C, false, stream, &keep);
   void* lo = ChannelVector(mean_lo, "mean_lo", dtype, C, false, stream, &keep);
-  if (C > 0) UseDeviceOf(bm, "batch_mean");
-  const cudaStream_t st = AsStream(stream);
-  Workspace ws(workspace, cuda::ForwardWorkspaceBytes(dtype, layout, training), stream, st);
-  cudaError_t error;
+  if (C == 0) return;
+  const cuda::Stream st = AsStream(stream);
+  Workspace ws(workspace, cuda::ForwardWorkspaceBytes(dtype, layout, training), stream, st,
+               ContextOf(bm, "batch_mean"));
+  cuda::Result error;
   {
     py::gil_scoped_release release;
     error =
@@ -367,10 +355,11 @@ void Backward(const py::object& dy_obj, const py::object& x_obj, const py::objec
       ChannelVector(d_batch_variance, "d_batch_variance", dtype, C, true, stream, &keep);
   void* ds = ChannelVector(dscale_obj, "dscale", dtype, C, false, stream, &keep);
   void* dof = ChannelVector(doffset_obj, "doffset", dtype, C, false, stream, &keep);
-  if (C > 0) UseDeviceOf(ds, "dscale");
-  const cudaStream_t st = AsStream(stream);
-  Workspace ws(workspace, cuda::BackwardWorkspaceBytes(dtype, layout), stream, st);
-  cudaError_t error;
+  if (C == 0) return;
+  const cuda::Stream st = AsStream(stream);
+  Workspace ws(workspace, cuda::BackwardWorkspaceBytes(dtype, layout), stream, st,
+               ContextOf(ds, "dscale"));
+  cuda::Result error;
   {
     py::gil_scoped_release release;
     error = cuda::BatchNormBackward(dtype, layout, dy, x.data, s, mu, lo, var, dm, dv,
@@ -396,10 +385,13 @@ void RegisterCudaBindings(py::module_& m) {
   m.attr("cuda_built") = true;
   m.def(
       "cuda_available", [] { return cuda::DeviceCount() > 0; },
-      "Whether a CUDA device and a driver new enough for this build's runtime are present.");
+      "Whether a CUDA driver and a device are present (opens libcuda.so.1 at the first call).");
   m.def("cuda_device_count", &cuda::DeviceCount);
-  m.def("cuda_runtime_version", &cuda::RuntimeVersion,
-        "Version of the CUDA runtime linked into tfbn (static), e.g. 13000.");
+  m.def("cuda_compiler_version", &cuda::CompilerVersion,
+        "Version of NVRTC, which compiled the embedded kernels, e.g. 12050 (no driver needed).");
+  m.def(
+      "cuda_architectures", [] { return std::string(cuda::Architectures()); },
+      "The embedded kernel images, e.g. 'sm_60 sm_70 ... sm_90 compute_90'.");
   m.def("cuda_driver_version", &cuda::DriverVersion, "CUDA driver version, 0 without one.");
   m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"), py::kw_only(),
         py::arg("axis") = -1, py::arg("training") = true, py::arg("backward") = false,

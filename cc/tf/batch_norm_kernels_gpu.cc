@@ -33,8 +33,8 @@ template <>
 constexpr cuda::DType kDType<double> = cuda::DType::kDouble;
 
 // The CUDA stream TensorFlow runs this op on (its compute stream for the device).
-cudaStream_t OpStream(tensorflow::OpKernelContext* ctx) {
-  return ctx->eigen_device<Eigen::GpuDevice>().stream();
+cuda::Stream OpStream(tensorflow::OpKernelContext* ctx) {
+  return static_cast<cuda::Stream>(ctx->eigen_device<Eigen::GpuDevice>().stream());
 }
 
 absl::Status AllocateWorkspace(tensorflow::OpKernelContext* ctx, size_t bytes,
@@ -43,11 +43,11 @@ absl::Status AllocateWorkspace(tensorflow::OpKernelContext* ctx, size_t bytes,
   return ctx->allocate_temp(tensorflow::DT_INT8, shape, workspace);
 }
 
-absl::Status LaunchStatus(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(
-      "tfbn: ", what, " failed to launch on the GPU: ", cuda::ErrorString(error), " (CUDA runtime ",
-      cuda::RuntimeVersion(), ", driver ", cuda::DriverVersion(), ")"));
+absl::Status LaunchStatus(cuda::Result error, const char* what) {
+  if (error == cuda::kSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("tfbn: ", what, " failed to launch on the GPU: ", cuda::ErrorString(error),
+                   " (driver ", cuda::DriverVersion(), ")"));
 }
 
 // Registered for ops without an epilogue only (below); this says so should that change.

@@ -79,7 +79,8 @@ XLA_LOADED, XLA_REASON = _load_xla()
 
 
 def build_info():
-    """What this build contains: TensorFlow version, CUDA kernels and architectures,
+    """What this build contains: TensorFlow version, CUDA kernels (the NVRTC version that
+    compiled them, "cuda_version", and their architectures),
     whether the XLA lowerings are in it and loaded ("xla"; "xla_reason" says why not), and
     the instruction set the CPU kernels run on ("cpu_instruction_set": isa, supported,
     requested = TFBN_CPU_ISA, warning = why that request was not honoured)."""
@@ -91,6 +92,7 @@ def build_info():
         "tensorflow_version": b.TENSORFLOW_VERSION,
         "cxx11_abi": b.CXX11_ABI,
         "cuda": b.CUDA,
+        "cuda_version": b.CUDA_VERSION,
         "cuda_architectures": archs,
         "xla": XLA_LOADED,
         "xla_reason": XLA_REASON,

@@ -42,7 +42,7 @@ def _load_core():
     if not getattr(module, "cuda_built", False):
         return None, f"{path} was built without CUDA"
     if not module.cuda_available():
-        return None, "no CUDA device (or driver too old for the CUDA runtime tfbn carries)"
+        return None, "no CUDA device (or no usable driver: libcuda.so.1)"
     return module, None
 
 

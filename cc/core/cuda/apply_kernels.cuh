@@ -1,13 +1,11 @@
 // Elementwise passes: the per-channel coefficients applied to every element.
-// Part of the CUDA kernels: batch_norm_cuda.cu includes it (one translation unit, so the
-// kernels and their launchers share one anonymous namespace).
+// Part of the device sources (kernels.cu, compiled by NVRTC).
 #pragma once
 
 #include "core/cuda/common.cuh"
 
 namespace tfbn {
 namespace cuda {
-namespace {
 
 // ---- elementwise operators ----
 // Each reads kCount coefficient rows starting at row kFirst of the [rows][C] table.
@@ -180,6 +178,5 @@ __global__ void __launch_bounds__(kThreads, kMixed ? kApplyMixedMinBlocks : kApp
   }
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace tfbn

@@ -1,47 +1,19 @@
-// Launch constants, element types (Num<T>: storage <-> compute type), vector packs.
-// Part of the CUDA kernels: batch_norm_cuda.cu includes it (one translation unit, so the
-// kernels and their launchers share one anonymous namespace).
+// Device-side launch constants, element types (Num<T>: storage <-> compute type), vector
+// packs. Part of the device sources (kernels.cu, compiled by NVRTC).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <cstdint>
-
-#include "core/batch_norm_cuda.h"
+#include "core/cuda/kernel_args.h"
 
 namespace tfbn {
 namespace cuda {
-namespace {
 
-constexpr int kThreads = 256;  // threads per block of the reduction and apply kernels
-// Loads in flight per thread and input: fewer for two inputs, to keep registers (and so
-// resident warps) in check; the bytes in flight per thread stay the same.
 template <class Op>
-constexpr int kUnroll = Op::kInputs == 2 ? 2 : 4;
-// The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise).
-// The unroll only groups loads: the order in which elements are summed does not depend on it.
+constexpr int kUnroll = UnrollFor(Op::kInputs);
 template <class Op>
-constexpr int kReduceUnroll = 2 * kUnroll<Op>;
-constexpr int kReduceMinBlocks = 2;  // per SM: caps registers at 128
-constexpr int kApplyMinBlocks = 3;   // per SM: caps registers at 80
-constexpr int kApplyRowsMinBlocks = 2;  // keeps 4 x kVec coefficients per thread in registers
-constexpr int kApplyMixedMinBlocks = 2;  // two channels' coefficients per group
-// Reduction partition: about kTarget*Blocks blocks over the whole tensor, none smaller than
-// kMinBlockElements, at most kMaxBlocks partials per channel. Shape-only constants.
-// Rows: fewer partial rows for the finalize to merge; planes: more blocks (docs/tuning.md).
-constexpr int64_t kTargetRowsBlocks = 512;
-constexpr int64_t kTargetPlanesBlocks = 1024;
-constexpr int64_t kMinBlockElements = 16384;
-constexpr int64_t kMaxBlocks = 1024;
-// Planes: a channel gets kSmallTPC threads instead of a whole block when a block's share
-// of it would give its threads fewer than kMinGroupsPerThread vector groups each.
-constexpr int kSmallTPC = 64;
-constexpr int64_t kMinGroupsPerThread = 32;
-constexpr int kFinalizeThreads = 1024;
-constexpr int64_t kMaxGridY = 65535;
-constexpr size_t kWorkspaceAlign = 256;
+constexpr int kReduceUnroll = ReduceUnrollFor(Op::kInputs);
 
 // ---- element types ----
 
@@ -98,6 +70,5 @@ __host__ __device__ __forceinline__ int64_t Split(int64_t b, int64_t nb, int64_t
   return (n / nb) * b + ((n % nb) * b) / nb;
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace tfbn

@@ -1,7 +1,6 @@
 // Finalize: partials merged in a fixed order and turned into per-channel statistics and
 // coefficients (core/batch_norm_math.h's formulas, in double).
-// Part of the CUDA kernels: batch_norm_cuda.cu includes it (one translation unit, so the
-// kernels and their launchers share one anonymous namespace).
+// Part of the device sources (kernels.cu, compiled by NVRTC).
 #pragma once
 
 #include "core/batch_norm_math.h"
@@ -9,7 +8,6 @@
 
 namespace tfbn {
 namespace cuda {
-namespace {
 
 // ---- finalize: partials -> statistics and coefficients ----
 
@@ -135,6 +133,5 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   coef[4 * C + c] = gc;
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace tfbn

@@ -1,22 +1,18 @@
 // Reductions: the two per-channel sums of the forward (moments) and backward (gradient
 // sums) passes, written as per-block double partials.
-// Part of the CUDA kernels: batch_norm_cuda.cu includes it (one translation unit, so the
-// kernels and their launchers share one anonymous namespace).
+// Part of the device sources (kernels.cu, compiled by NVRTC).
 #pragma once
 
 #include "core/cuda/common.cuh"
 
 namespace tfbn {
 namespace cuda {
-namespace {
 
 // ---- reduction operators: two per-channel sums ----
 // As the CPU kernels (cpu_reductions.inc): each element's terms are computed and summed in U
 // over a fixed stretch of kFlush elements per accumulator, and each stretch is then added
 // into double. The stretches are defined by the thread's element sequence, which depends
 // on the shape only.
-
-constexpr int kFlush = 32;  // elements summed in U before adding into double
 
 // Per-channel constants of an operator, in U.
 template <typename U>
@@ -33,6 +29,8 @@ struct MomentsOp {
   const T* a;  // x
   const T* b;  // unused
   int64_t inner;
+  __device__ explicit MomentsOp(const ReduceArgs& r)
+      : a(static_cast<const T*>(r.a)), b(nullptr), inner(r.inner) {}
   __device__ Center<U> CenterOf(int64_t c) const { return {Num<T>::ToU(a[c * inner]), U(0)}; }
   __device__ static void Add(T va, T, const Center<U>& k, U& s1, U& s2) {
     const U d = Num<T>::ToU(va) - k.a;
@@ -51,6 +49,11 @@ struct GradSumsOp {
   const T* b;  // x
   const U* hi;
   const U* lo;  // nullable
+  __device__ explicit GradSumsOp(const ReduceArgs& r)
+      : a(static_cast<const T*>(r.a)),
+        b(static_cast<const T*>(r.b)),
+        hi(static_cast<const U*>(r.hi)),
+        lo(static_cast<const U*>(r.lo)) {}
   __device__ Center<U> CenterOf(int64_t c) const { return {hi[c], lo ? lo[c] : U(0)}; }
   __device__ static void Add(T va, T vb, const Center<U>& k, U& s1, U& s2) {
     const U g = Num<T>::ToU(va);
@@ -80,7 +83,9 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t off
 // its own slots), which leaves the registers to loads in flight.
 template <class Op, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
-    ReduceRowsKernel(Op op, int64_t rows, int64_t C, int64_t tiles, int64_t nb, double* partial) {
+    ReduceRowsKernel(ReduceArgs args, int64_t rows, int64_t C, int64_t tiles, int64_t nb,
+                     double* partial) {
+  const Op op(args);
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int V = kVec<T>, kU = kReduceUnroll<Op>;
@@ -200,8 +205,9 @@ __device__ __forceinline__ Pack<T, kVec<T>> LoadPlaneGroup(const T* p, int64_t o
 // VL: the load width (see LoadPlaneGroup); VL == kVec: a group is one vector load.
 template <class Op, int VL, int kTPC>
 __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
-    ReducePlanesKernel(Op op, int64_t outer, int64_t C, int64_t inner, int64_t nb,
+    ReducePlanesKernel(ReduceArgs args, int64_t outer, int64_t C, int64_t inner, int64_t nb,
                        double* partial) {
+  const Op op(args);
   using T = typename Op::T;
   using U = typename Op::U;
   constexpr int V = kVec<T>;
@@ -284,6 +290,5 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
   }
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace tfbn
