@@ -249,7 +249,8 @@ def write(out_dir, core, path, results, started, final=False):
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "torch_cuda": torch.version.cuda, "tfbn_core": path,
-                   "cuda_compiler": core.cuda_compiler_version(), "cuda_images": core.cuda_architectures(),
+                   "cuda_compiler": core.cuda_compiler_version(),
+                   "cuda_images": core.cuda_architectures(),
                    "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
                    "summary": summary, "results": results}, f, indent=1)
     if final:
