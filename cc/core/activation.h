@@ -3,7 +3,9 @@
 // all read it, so a new activation is added here and nowhere else by name.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)  // the device code needs the enum only
 #include <cstring>
+#endif
 
 namespace tfbn {
 
@@ -21,6 +23,7 @@ struct ActivationAlias {
 constexpr ActivationAlias kActivationAliases[] = {{"linear", Activation::kIdentity},
                                                   {"swish", Activation::kSilu}};
 
+#if !defined(__CUDACC_RTC__)  // host functions
 // Looks up a canonical name or an alias; false where the name is none of them.
 inline bool LookupActivation(const char* name, bool allow_aliases, Activation* activation) {
   for (int i = 0; i < kNumActivations; ++i)
@@ -40,5 +43,6 @@ inline bool LookupActivation(const char* name, bool allow_aliases, Activation* a
 inline const char* ActivationName(Activation activation) {
   return kActivationNames[static_cast<int>(activation)];
 }
+#endif
 
 }  // namespace tfbn

@@ -13,10 +13,17 @@
 // one built for AVX-512 run where only the baseline is supported.
 #pragma once
 
+#if defined(__CUDACC_RTC__)  // NVRTC has libcu++ in place of the standard headers
+#include <cuda/std/cstdint>
+#include <cuda/std/limits>
+#include <cuda/std/type_traits>
+#include <cuda/std/utility>
+#else
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
+#endif
 
 #include "core/activation.h"
 #include "core/host_device.h"
@@ -24,17 +31,23 @@
 namespace tfbn {
 namespace activation_math {
 
+#if defined(__CUDACC_RTC__)
+namespace stdx = ::cuda::std;
+#else
+namespace stdx = ::std;
+#endif
+
 // V's element type S and the integers I of the same width (a lane vector's compare
 // result is the integer vector of its width).
 template <typename V, typename = void>
 struct Elements {
   using S = V;
-  using I = std::conditional_t<sizeof(V) == 4, int32_t, int64_t>;
+  using I = stdx::conditional_t<sizeof(V) == 4, int32_t, int64_t>;
 };
 template <typename V>
-struct Elements<V, std::void_t<decltype(std::declval<V>()[0])>> {
-  using S = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
-  using I = decltype(std::declval<V>() < std::declval<V>());
+struct Elements<V, stdx::void_t<decltype(stdx::declval<V>()[0])>> {
+  using S = stdx::remove_cv_t<stdx::remove_reference_t<decltype(stdx::declval<V>()[0])>>;
+  using I = decltype(stdx::declval<V>() < stdx::declval<V>());
 };
 
 template <typename V, typename S>
@@ -51,7 +64,7 @@ template <typename V>
 static TFBN_HD V Exp(V x) {
   using S = typename Elements<V>::S;
   using I = typename Elements<V>::I;
-  constexpr bool kFloat = std::is_same_v<S, float>;
+  constexpr bool kFloat = stdx::is_same_v<S, float>;
   const V hi = Splat<V>(kFloat ? 88.0 : 709.0), lo = Splat<V>(kFloat ? -87.0 : -708.0);
   const auto overflow = x > hi;
   x = x > hi ? hi : x;  // NaN stays NaN through both selects and the polynomial
@@ -83,14 +96,17 @@ static TFBN_HD V Exp(V x) {
     p = S(1.0) + S(2.0) * (px / (qx - px));
   }
   I n;
-  if constexpr (std::is_same_v<V, S>)
+  if constexpr (stdx::is_same_v<V, S>) {
     n = static_cast<I>(k);
-  else
+  } else {
+#if !defined(__CUDACC_RTC__)  // lane vectors are host-only
     n = __builtin_convertvector(k, I);
+#endif
+  }
   constexpr int kMantissa = kFloat ? 23 : 52;
   constexpr int kBias = kFloat ? 127 : 1023;
   const V e = p * __builtin_bit_cast(V, static_cast<I>((n + kBias) << kMantissa));
-  return overflow ? Splat<V>(std::numeric_limits<S>::infinity()) : e;
+  return overflow ? Splat<V>(stdx::numeric_limits<S>::infinity()) : e;
 }
 
 template <typename V>

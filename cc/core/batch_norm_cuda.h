@@ -81,7 +81,8 @@ Result BatchNormBackward(DType dtype, const Layout& layout, const void* dy, cons
 
 // ---- The fused epilogue: y = act(BN(x) + residual) ----
 // As BatchNormForwardEpilogue / BatchNormBackwardEpilogue in batch_norm.h (residual nullptr:
-// none; args.activation any). The workspace sizes are the plain op's.
+// none; args.activation any). The forward's workspace is the plain op's; the backward's
+// holds two more per-channel rows (z is recomputed from the forward's factor and offset).
 size_t ForwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout, bool training);
 size_t BackwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout);
 Result BatchNormForwardEpilogue(DType dtype, const Layout& layout, const void* x, const void* scale,

@@ -18,7 +18,7 @@ constexpr int kThreads = 256;  // threads per block of the reduction and apply k
 constexpr int kFlush = 32;     // elements summed in U before adding into double
 // Loads in flight per thread and input: fewer for two inputs, to keep registers (and so
 // resident warps) in check; the bytes in flight per thread stay the same.
-constexpr TFBN_HD int UnrollFor(int inputs) { return inputs == 2 ? 2 : 4; }
+constexpr TFBN_HD int UnrollFor(int inputs) { return inputs >= 2 ? 2 : 4; }
 // The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise).
 // The unroll only groups loads: the order in which elements are summed does not depend on it.
 constexpr TFBN_HD int ReduceUnrollFor(int inputs) { return 2 * UnrollFor(inputs); }
@@ -48,6 +48,11 @@ struct ReduceArgs {
   const void* hi;  // gradient sums: the mean (U)
   const void* lo;  // gradient sums: the mean's low part (U), nullptr for 0
   int64_t inner;   // moments: channel c's shift is a[c * inner]
+  // Epilogue gradient sums only (three inputs): the residual (nullptr: none), the [7][C]
+  // coefficient table (epilogue_kernels.cuh) and C.
+  const void* c = nullptr;
+  const void* coef = nullptr;
+  int64_t channels = 0;
 };
 
 }  // namespace cuda

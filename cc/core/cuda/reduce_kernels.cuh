@@ -62,6 +62,24 @@ struct GradSumsOp {
   }
 };
 
+// A third input that is absent (nullptr) reads as zeros.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> ZeroPack() {
+  Pack<T, N> r;
+#pragma unroll
+  for (int l = 0; l < N; ++l) r.v[l] = Num<T>::FromU(0);
+  return r;
+}
+
+// One element's terms: the operator's Add with its two or three inputs.
+template <class Op, typename T, class K, typename U>
+__device__ __forceinline__ void AddTerms(T va, T vb, T vc, const K& k, U& s1, U& s2) {
+  if constexpr (Op::kInputs == 3)
+    Op::Add(va, vb, vc, k, s1, s2);
+  else
+    Op::Add(va, Op::kInputs == 2 ? vb : va, k, s1, s2);
+}
+
 // Loads kVec channels c0.. of one row; past C (misaligned path only) gives zero.
 template <typename T, bool kAligned>
 __device__ __forceinline__ Pack<T, kVec<T>> LoadRowGroup(const T* p, int64_t offset, int64_t left) {
@@ -104,24 +122,26 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     sm2[(ty * V + l) * TX + tx] = 0.0;
   }
   if (c0 < C) {
-    Center<U> center[V];
+    using K = decltype(op.CenterOf(c0));
+    K center[V];
 #pragma unroll
-    for (int l = 0; l < V; ++l)
-      center[l] = c0 + l < C ? op.CenterOf(c0 + l) : Center<U>{U(0), U(0)};
+    for (int l = 0; l < V; ++l) center[l] = c0 + l < C ? op.CenterOf(c0 + l) : K{};
     const int64_t left = C - c0;
     for (int64_t r = Split(b, nb, rows) + ty; r < r_end;) {
       U a1[V], a2[V];
 #pragma unroll
       for (int l = 0; l < V; ++l) a1[l] = a2[l] = U(0);
       for (int k = 0; k < kFlush && r < r_end; k += kU) {
-        Pack<T, V> va[kU], vb[kU];
+        Pack<T, V> va[kU], vb[kU], vc[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           const int64_t ru = r + int64_t{u} * TY;
           if (ru < r_end) {
             va[u] = LoadRowGroup<T, kAligned>(op.a, ru * C + c0, left);
-            if constexpr (Op::kInputs == 2)
+            if constexpr (Op::kInputs >= 2)
               vb[u] = LoadRowGroup<T, kAligned>(op.b, ru * C + c0, left);
+            if constexpr (Op::kInputs == 3)
+              vc[u] = op.c ? LoadRowGroup<T, kAligned>(op.c, ru * C + c0, left) : ZeroPack<T, V>();
           }
         }
 #pragma unroll
@@ -129,8 +149,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
           if (r + int64_t{u} * TY < r_end) {
 #pragma unroll
             for (int l = 0; l < V; ++l)
-              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center[l], a1[l],
-                      a2[l]);
+              AddTerms<Op>(va[u].v[l], Op::kInputs >= 2 ? vb[u].v[l] : va[u].v[l],
+                           Op::kInputs == 3 ? vc[u].v[l] : va[u].v[l], center[l], a1[l], a2[l]);
           }
         r += int64_t{kU} * TY;
       }
@@ -229,17 +249,19 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
   double s1 = 0.0, s2 = 0.0;
   int64_t g = Split(b, nb, groups) + t;
   if (c < C && g < g_end) {
-    const Center<U> center = op.CenterOf(c);
+    const auto center = op.CenterOf(c);
     const int64_t plane_stride = C * inner;
     const T* pa = op.a + c * inner;
-    const T* pb = Op::kInputs == 2 ? op.b + c * inner : pa;
+    const T* pb = Op::kInputs >= 2 ? op.b + c * inner : pa;
+    const T* pc = nullptr;
+    if constexpr (Op::kInputs == 3) pc = op.c ? op.c + c * inner : nullptr;
     int64_t o = g * V / inner, i = g * V - o * inner;
     constexpr int64_t kStep = int64_t{kTPC} * V;
     const int64_t step_o = kStep / inner, step_i = kStep - step_o * inner;
     while (g < g_end) {
       U a1 = U(0), a2 = U(0);
       for (int k = 0; k < kStretch && g < g_end; k += kU) {
-        Pack<T, V> va[kU], vb[kU];
+        Pack<T, V> va[kU], vb[kU], vc[kU];
         int valid[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -247,8 +269,11 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
           valid[u] = gu < g_end ? static_cast<int>(min(int64_t{V}, m - gu * V)) : 0;
           if (valid[u] > 0) {
             va[u] = LoadPlaneGroup<T, VL>(pa, o, i, inner, plane_stride, valid[u]);
-            if constexpr (Op::kInputs == 2)
+            if constexpr (Op::kInputs >= 2)
               vb[u] = LoadPlaneGroup<T, VL>(pb, o, i, inner, plane_stride, valid[u]);
+            if constexpr (Op::kInputs == 3)
+              vc[u] = pc ? LoadPlaneGroup<T, VL>(pc, o, i, inner, plane_stride, valid[u])
+                         : ZeroPack<T, V>();
           }
           i += step_i;
           o += step_o;
@@ -262,7 +287,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
 #pragma unroll
           for (int l = 0; l < V; ++l)
             if (l < valid[u])
-              Op::Add(va[u].v[l], Op::kInputs == 2 ? vb[u].v[l] : va[u].v[l], center, a1, a2);
+              AddTerms<Op>(va[u].v[l], Op::kInputs >= 2 ? vb[u].v[l] : va[u].v[l],
+                           Op::kInputs == 3 ? vc[u].v[l] : va[u].v[l], center, a1, a2);
         g += int64_t{kU} * kTPC;
       }
       s1 += static_cast<double>(a1);
