@@ -9,6 +9,9 @@ Bandwidth: "moved" counts the bytes the two-pass kernels move (forward reads x t
 writes y: 3N; backward reads dy and x twice and writes dx: 5N, N = bytes of x);
 "ideal" counts what a single-pass kernel would move (2N and 3N). The copy moves 2N.
 
+Then the fused epilogue relu(BN(x) + residual) on three shapes (float32, bfloat16,
+channels-last) against the plain kernels followed by torch's add + relu: key "epilogue".
+
 Needs PyTorch with CUDA and tfbn._core built with CUDA (TFBN_CORE_PATH or installed tfbn);
 no TensorFlow. Usage: python bench.py [--out DIR] [--quick]
 """
@@ -203,6 +206,106 @@ def run_case(core, c, hw, dtype, layout, min_ms):
     }
 
 
+# The fused epilogue y = relu(BN(x) + residual), channels-last, training forward + backward
+# (with dresidual), against tfbn's plain BN followed by torch's add + relu and their
+# backward (threshold_backward; the add passes dz through as dresidual).
+EPILOGUE_SHAPES = [(256, 56), (512, 28), (1024, 14)]
+
+
+class OursEpilogue(Ours):
+    def __init__(self, core, x, axis):
+        super().__init__(core, x, axis)
+        self.r_t = torch.randn_like(x)
+        self.dr_t = torch.empty_like(x)
+        self.r, self.dr = desc(self.r_t), desc(self.dr_t)
+        shape, dtype = list(x.shape), self.x[2]
+        fw = core.cuda_workspace_bytes(shape, dtype, axis=axis, training=True, epilogue=True)
+        bw = core.cuda_workspace_bytes(shape, dtype, axis=axis, backward=True, epilogue=True)
+        self.ws_t = torch.empty(max(fw, bw, 1), dtype=torch.uint8, device=x.device)
+        self.ws = desc(self.ws_t)
+
+    def forward(self):
+        self.core.cuda_batch_norm_forward(
+            self.x, self.scale, self.offset, y=self.y, batch_mean=self.bm,
+            batch_variance=self.bv, mean_lo=self.res, axis=self.axis, epsilon=EPS,
+            training=True, stream=self.stream, workspace=self.ws, residual=self.r,
+            activation="relu")
+
+    def backward(self):
+        self.core.cuda_batch_norm_backward(
+            self.dy, self.x, self.scale, self.bm, self.bv, self.res, dx=self.dx,
+            dscale=self.ds, doffset=self.do, axis=self.axis, epsilon=EPS, training=True,
+            stream=self.stream, workspace=self.ws, offset=self.offset, residual=self.r,
+            activation="relu", dresidual=self.dr)
+
+
+class OursThenTorch(Ours):
+    """tfbn's plain BN, then torch's add + relu (and their gradients) as separate kernels."""
+
+    def __init__(self, core, x, axis):
+        super().__init__(core, x, axis)
+        self.r_t = torch.randn_like(x)
+        self.z_t = torch.empty_like(x)
+        self.out_t = torch.empty_like(x)
+        self.dz_t = torch.randn_like(x)
+        self.dz = desc(self.dz_t)
+
+    def forward(self):
+        super().forward()
+        torch.add(self.y_t, self.r_t, out=self.z_t)
+        torch.clamp_min(self.z_t, 0, out=self.out_t)
+
+    def backward(self):
+        self.dz_t = torch.ops.aten.threshold_backward(self.dy_t, self.out_t, 0)
+        self.core.cuda_batch_norm_backward(
+            desc(self.dz_t), self.x, self.scale, self.bm, self.bv, self.res, dx=self.dx,
+            dscale=self.ds, doffset=self.do, axis=self.axis, epsilon=EPS, training=True,
+            stream=self.stream, workspace=self.ws)
+
+
+def run_epilogue_case(core, c, hw, dtype, min_ms):
+    x = torch.randn(BATCH, hw, hw, c, device="cuda", dtype=torch.float32).mul_(2).add_(1)
+    x = x.to(getattr(torch, dtype))
+    times = {}
+    for name, cls in (("fused", OursEpilogue), ("separate", OursThenTorch)):
+        impl = cls(core, x, -1)
+        times[name] = (time_per_call(impl.forward, min_ms), time_per_call(impl.backward, min_ms))
+        del impl
+    nbytes = x.numel() * x.element_size()
+    del x
+    fused, separate = sum(times["fused"]), sum(times["separate"])
+    return {
+        "channels": c, "spatial": hw, "batch": BATCH, "dtype": dtype, "layout": "channels_last",
+        "activation": "relu", "residual": True, "megabytes": nbytes / 2 ** 20,
+        "us": {"fused_forward": times["fused"][0] * 1e6,
+               "fused_backward": times["fused"][1] * 1e6, "fused_fwd_bwd": fused * 1e6,
+               "separate_forward": times["separate"][0] * 1e6,
+               "separate_backward": times["separate"][1] * 1e6,
+               "separate_fwd_bwd": separate * 1e6},
+        "speedup": separate / fused,
+        "separate_path": "tfbn BN + torch.add + torch.clamp_min; aten.threshold_backward + "
+                         "tfbn BN backward",
+    }
+
+
+def run_epilogue(core, min_ms):
+    print(f"epilogue relu(BN(x) + residual), channels_last:\n{'C':>5} {'HW':>4} {'dtype':>8} "
+          f"{'MB':>7} | {'fused f+b us':>12} {'separate us':>11} {'speedup':>7}", flush=True)
+    results = []
+    for dtype in ("float32", "bfloat16"):
+        for c, hw in EPILOGUE_SHAPES:
+            try:
+                r = run_epilogue_case(core, c, hw, dtype, min_ms)
+            except (RuntimeError, ValueError) as e:
+                print(f"{c:>5} {hw:>4} {dtype:>8} FAILED: {e}", flush=True)
+                continue
+            results.append(r)
+            print(f"{c:>5} {hw:>4} {dtype:>8} {r['megabytes']:>7.1f} | "
+                  f"{r['us']['fused_fwd_bwd']:>12.1f} {r['us']['separate_fwd_bwd']:>11.1f} "
+                  f"{r['speedup']:>7.2f}", flush=True)
+    return results
+
+
 # (channels, spatial, dtype, layout) of the cases whose kernels --profile times one by one
 PROFILE_CASES = [(64, 112, "bfloat16", "channels_last"), (128, 28, "float32", "channels_last"),
                  (1024, 14, "bfloat16", "contiguous"), (2048, 7, "float32", "contiguous")]
@@ -233,7 +336,7 @@ def profile_kernels(core, c, hw, dtype, layout, calls=5):
             print(f"  {total / calls:9.1f}  x{e.count // calls}  {name} {args}", flush=True)
 
 
-def write(out_dir, core, path, results, started, final=False):
+def write(out_dir, core, path, results, started, final=False, epilogue=None):
     big = [r for r in results if r["megabytes"] >= 64]
     summary = {
         "cases": len(results),
@@ -252,7 +355,8 @@ def write(out_dir, core, path, results, started, final=False):
                    "cuda_compiler": core.cuda_compiler_version(),
                    "cuda_images": core.cuda_architectures(),
                    "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
-                   "summary": summary, "results": results}, f, indent=1)
+                   "summary": summary, "results": results, "epilogue": epilogue or []},
+                  f, indent=1)
     if final:
         print("summary:", json.dumps(summary), flush=True)
         print("wrote", out)
@@ -292,7 +396,10 @@ def main():
                       f"{r['speedup_vs_torch']:>7.2f} | {r['gbps']['tfbn_fwd_bwd_moved']:>10.0f} "
                       f"{r['gbps']['copy']:>9.0f} {r['tfbn_fraction_of_copy']:>7.2f}", flush=True)
                 write(args.out, core, path, results, started)  # kept if the run is cut short
-    write(args.out, core, path, results, started, final=True)
+    epilogue = run_epilogue(core, 10.0)
+    if len(epilogue) < 2 * len(EPILOGUE_SHAPES):
+        failures += 2 * len(EPILOGUE_SHAPES) - len(epilogue)
+    write(args.out, core, path, results, started, final=True, epilogue=epilogue)
     if args.profile:
         for case in PROFILE_CASES:
             try:

@@ -141,11 +141,14 @@ void Backward(const py::object& dy_obj, const py::object& x_obj, const py::objec
 }
 
 size_t WorkspaceBytes(const std::vector<int64_t>& shape, const std::string& dtype, int axis,
-                      bool training, bool backward) {
+                      bool training, bool backward, bool epilogue) {
   DeviceArray a;
   a.dtype = dtype;
   const cuda::DType t = DTypeOf(a, "dtype");
   const Layout layout = ViewAs(shape, axis);
+  if (epilogue)
+    return backward ? cuda::BackwardEpilogueWorkspaceBytes(t, layout)
+                    : cuda::ForwardEpilogueWorkspaceBytes(t, layout, training);
   return backward ? cuda::BackwardWorkspaceBytes(t, layout)
                   : cuda::ForwardWorkspaceBytes(t, layout, training);
 }
@@ -166,7 +169,9 @@ void RegisterCudaBindings(py::module_& m) {
   m.def("cuda_driver_version", &cuda::DriverVersion, "CUDA driver version, 0 without one.");
   m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"), py::kw_only(),
         py::arg("axis") = -1, py::arg("training") = true, py::arg("backward") = false,
-        "Device workspace bytes cuda_batch_norm_forward/backward need for this shape.");
+        py::arg("epilogue") = false,
+        "Device workspace bytes cuda_batch_norm_forward/backward need for this shape "
+        "(epilogue: with a residual or an activation).");
   m.def("cuda_batch_norm_forward", &Forward, py::arg("x"), py::arg("scale") = py::none(),
         py::arg("offset") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::kw_only(), py::arg("y"), py::arg("batch_mean"),
