@@ -16,7 +16,7 @@ using tensorflow::OpKernelContext;
 struct GpuSplitLauncher {
   // The weights are in device memory, so they pass unchecked: reading them here would
   // wait for the device. A negative or non-finite weight makes the kernels give NaN
-  // statistics (and gradients) for that channel instead of an error.
+  // statistics (and so NaN outputs and gradients) instead of an error.
   static constexpr bool kWeightsOnHost = false;
   // cuda::ApplyStatistics promises nothing about y aliasing x.
   static constexpr bool kApplyYMayTakeX = false;
