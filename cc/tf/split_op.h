@@ -51,7 +51,7 @@ class StatsOp : public TfbnOpKernel<StatsIo> {
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     Layout layout;
-    const float* weights;
+    const float* weights = nullptr;
     OP_REQUIRES_OK(ctx, Launcher::kWeightsOnHost ? Prepare(ctx, &layout, &weights)
                                                  : PrepareUnreadWeights(ctx, &layout, &weights));
     tensorflow::Tensor* partial;
@@ -135,7 +135,7 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
   void Compute(tensorflow::OpKernelContext* ctx) override {
     const tensorflow::Tensor& x = Get(ctx, In::kX);
     Layout layout;
-    const float* weights;
+    const float* weights = nullptr;
     OP_REQUIRES_OK(ctx, Launcher::kWeightsOnHost ? Prepare(ctx, &layout, &weights)
                                                  : PrepareUnreadWeights(ctx, &layout, &weights));
     tensorflow::Tensor *dx, *dscale, *doffset;
