@@ -31,8 +31,8 @@ std::vector<int64_t> WeightShape(const std::vector<int64_t>& shape, int axis) {
   return w;
 }
 
-void PartialMoments(const py::object& x_obj, const py::object& weights, const py::object& partial,
-                    int axis, int64_t stream, const py::object& workspace) {
+void PyPartialMoments(const py::object& x_obj, const py::object& weights, const py::object& partial,
+                      int axis, int64_t stream, const py::object& workspace) {
   std::vector<DeviceArray> keep;
   keep.reserve(kMaxKept);
   keep.push_back(ToDeviceArray(x_obj, "x", stream));
@@ -56,9 +56,9 @@ void PartialMoments(const py::object& x_obj, const py::object& weights, const py
   Check(error, "partial_moments launch");
 }
 
-void MergeMoments(const py::object& partials_obj, const py::object& mean,
-                  const py::object& variance, const py::object& mean_lo, const py::object& count,
-                  int64_t stream) {
+void PyMergeMoments(const py::object& partials_obj, const py::object& mean,
+                    const py::object& variance, const py::object& mean_lo, const py::object& count,
+                    int64_t stream) {
   std::vector<DeviceArray> keep;
   keep.reserve(kMaxKept);
   keep.push_back(ToDeviceArray(partials_obj, "partials", stream));
@@ -88,10 +88,10 @@ void MergeMoments(const py::object& partials_obj, const py::object& mean,
   Check(error, "merge_moments launch");
 }
 
-void ApplyStatistics(const py::object& x_obj, const py::object& scale, const py::object& offset,
-                     const py::object& mean, const py::object& variance, const py::object& mean_lo,
-                     const py::object& y_obj, int axis, float epsilon, int64_t stream,
-                     const py::object& workspace) {
+void PyApplyStatistics(const py::object& x_obj, const py::object& scale, const py::object& offset,
+                       const py::object& mean, const py::object& variance,
+                       const py::object& mean_lo, const py::object& y_obj, int axis, float epsilon,
+                       int64_t stream, const py::object& workspace) {
   CheckEpsilon(epsilon);
   std::vector<DeviceArray> keep;
   keep.reserve(kMaxKept);
@@ -119,9 +119,9 @@ void ApplyStatistics(const py::object& x_obj, const py::object& scale, const py:
   Check(error, "apply_statistics launch");
 }
 
-void GradSums(const py::object& dy_obj, const py::object& x_obj, const py::object& mean,
-              const py::object& mean_lo, const py::object& sums, int axis, int64_t stream,
-              const py::object& workspace) {
+void PyGradSums(const py::object& dy_obj, const py::object& x_obj, const py::object& mean,
+                const py::object& mean_lo, const py::object& sums, int axis, int64_t stream,
+                const py::object& workspace) {
   std::vector<DeviceArray> keep;
   keep.reserve(kMaxKept);
   keep.push_back(ToDeviceArray(x_obj, "x", stream));
@@ -145,13 +145,13 @@ void GradSums(const py::object& dy_obj, const py::object& x_obj, const py::objec
   Check(error, "grad_sums launch");
 }
 
-void ApplyGradWithSums(const py::object& dy_obj, const py::object& x_obj, const py::object& scale,
-                       const py::object& mean, const py::object& variance,
-                       const py::object& mean_lo, const py::object& local_sums,
-                       const py::object& global_sums, const py::object& count,
-                       const py::object& weights, const py::object& dx_obj,
-                       const py::object& dscale_obj, const py::object& doffset_obj, int axis,
-                       float epsilon, int64_t stream, const py::object& workspace) {
+void PyApplyGradWithSums(const py::object& dy_obj, const py::object& x_obj, const py::object& scale,
+                         const py::object& mean, const py::object& variance,
+                         const py::object& mean_lo, const py::object& local_sums,
+                         const py::object& global_sums, const py::object& count,
+                         const py::object& weights, const py::object& dx_obj,
+                         const py::object& dscale_obj, const py::object& doffset_obj, int axis,
+                         float epsilon, int64_t stream, const py::object& workspace) {
   CheckEpsilon(epsilon);
   std::vector<DeviceArray> keep;
   keep.reserve(kMaxKept);
@@ -195,26 +195,26 @@ void ApplyGradWithSums(const py::object& dy_obj, const py::object& x_obj, const 
 }  // namespace
 
 void RegisterCudaSplitBindings(py::module_& m) {
-  m.def("cuda_partial_moments", &PartialMoments, py::arg("x"), py::arg("weights") = py::none(),
+  m.def("cuda_partial_moments", &PyPartialMoments, py::arg("x"), py::arg("weights") = py::none(),
         py::kw_only(), py::arg("partial"), py::arg("axis") = -1, py::arg("stream") = 0,
         py::arg("workspace") = py::none(),
         "Partial statistics of x's slice of the batch into partial, float64 (3, C): count "
         "(or weight sum), mean, M2. weights: float32 with x's shape less the channel axis.");
-  m.def("cuda_merge_moments", &MergeMoments, py::arg("partials"), py::kw_only(), py::arg("mean"),
+  m.def("cuda_merge_moments", &PyMergeMoments, py::arg("partials"), py::kw_only(), py::arg("mean"),
         py::arg("variance"), py::arg("mean_lo"), py::arg("count"), py::arg("stream") = 0,
         "Merges partials, float64 (parts, 3, C), in part order into mean, variance, mean_lo "
         "(float32 or float64) and count (float64); NaN statistics where the count is 0.");
-  m.def("cuda_apply_statistics", &ApplyStatistics, py::arg("x"), py::arg("scale") = py::none(),
+  m.def("cuda_apply_statistics", &PyApplyStatistics, py::arg("x"), py::arg("scale") = py::none(),
         py::arg("offset") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(), py::kw_only(),
         py::arg("y"), py::arg("axis") = -1, py::arg("epsilon") = 1e-3f, py::arg("stream") = 0,
         py::arg("workspace") = py::none(),
         "y = ((x - mean) - mean_lo) * rsqrt(variance + epsilon) * scale + offset.");
-  m.def("cuda_grad_sums", &GradSums, py::arg("dy"), py::arg("x"), py::arg("mean") = py::none(),
+  m.def("cuda_grad_sums", &PyGradSums, py::arg("dy"), py::arg("x"), py::arg("mean") = py::none(),
         py::arg("mean_lo") = py::none(), py::kw_only(), py::arg("sums"), py::arg("axis") = -1,
         py::arg("stream") = 0, py::arg("workspace") = py::none(),
         "sums, float64 (2, C): sum dy and sum dy * ((x - mean) - mean_lo).");
-  m.def("cuda_apply_grad_with_sums", &ApplyGradWithSums, py::arg("dy"), py::arg("x"),
+  m.def("cuda_apply_grad_with_sums", &PyApplyGradWithSums, py::arg("dy"), py::arg("x"),
         py::arg("scale") = py::none(), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("mean_lo") = py::none(),
         py::arg("local_sums") = py::none(), py::arg("global_sums") = py::none(),
