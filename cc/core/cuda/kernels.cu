@@ -27,3 +27,4 @@
 #include "core/cuda/apply_kernels.cuh"
 #include "core/cuda/finalize_kernels.cuh"
 #include "core/cuda/reduce_kernels.cuh"
+#include "core/cuda/split_kernels.cuh"
