@@ -67,10 +67,12 @@ rc=${PIPESTATUS[0]}
 
 if [ "${TFBN_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer > /dev/null; then
   step sanitizer
-  # out-of-bounds accesses in both layouts, float32 and float16, small shapes
+  # out-of-bounds accesses in both layouts, float32 and float16, small shapes: the fused
+  # op, the split family and the epilogue
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest \
     "$ROOT/tests/gpu" -q -p no:cacheprovider -x \
-    -k "(forward_training or backward_training) and (float32 or float16) or empty_batch" \
+    -k "(forward_training or backward_training) and (float32 or float16) or empty_batch
+        or (test_against_cpu and float16) or (weighted and float32)" \
     > "$OUT_DIR/sanitizer.log" 2>&1
   rc=$?
   tail -5 "$OUT_DIR/sanitizer.log"

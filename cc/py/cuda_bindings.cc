@@ -18,6 +18,7 @@
 #include "core/activation.h"
 #include "core/batch_norm_cuda.h"
 #include "core/cuda/driver.h"
+#include "py/cuda_split_bindings.h"
 #include "py/device_arrays.h"
 
 namespace py = pybind11;
@@ -157,6 +158,7 @@ size_t WorkspaceBytes(const std::vector<int64_t>& shape, const std::string& dtyp
 
 void RegisterCudaBindings(py::module_& m) {
   m.attr("cuda_built") = true;
+  RegisterCudaSplitBindings(m);
   m.def(
       "cuda_available", [] { return cuda::DeviceCount() > 0; },
       "Whether a CUDA driver and a device are present (opens libcuda.so.1 at the first call).");

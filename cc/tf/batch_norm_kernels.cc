@@ -13,6 +13,9 @@ namespace {
 struct CpuLauncher {
   // The CPU backward reads each element of x before it writes that element of dx.
   static constexpr bool kDxMayTakeX = true;
+  // Its epilogue passes, too, read each element of x, dy and the residual before they write
+  // that element of y, dx or dresidual.
+  static constexpr bool kEpilogueOutputsMayTakeInputs = true;
 
   template <typename T, typename U>
   static absl::Status Forward(tensorflow::OpKernelContext* ctx, const Layout& layout,

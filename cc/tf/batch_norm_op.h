@@ -6,6 +6,9 @@
 //   static absl::Status Backward(OpKernelContext*, const Layout&,
 //                                const BackwardData<T, U>&, const ForwardArgs&);
 //   static constexpr bool kDxMayTakeX;  // whether dx may take over x's buffer
+//   // Whether, with an epilogue (an activation or a residual), y, dx and dresidual may
+//   // take over the buffers of x, dy or the residual (without one: y over x, dx over dy).
+//   static constexpr bool kEpilogueOutputsMayTakeInputs;
 // (CpuLauncher in batch_norm_kernels.cc, GpuLauncher in batch_norm_kernels_gpu.cc).
 #pragma once
 
@@ -19,6 +22,12 @@
 #include "tf/op_kernel_base.h"
 
 namespace tfbn {
+
+// Whether the launcher receives an epilogue: an activation, or a residual (the gradient
+// passes none where dresidual is dy itself).
+inline bool HasEpilogue(const ForwardArgs& args, bool residual_given) {
+  return args.activation != Activation::kIdentity || residual_given;
+}
 
 // The forward's tensors as the core takes them (nullptr: not given).
 template <typename T, typename U>
@@ -53,10 +62,13 @@ class BatchNormOp : public TfbnOpKernel<BatchNormIo> {
     // written.
     tensorflow::Tensor *y, *batch_mean, *batch_variance, *mean_lo;
     const tensorflow::TensorShape channels({layout.channels});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            attrs_.has_residual ? std::initializer_list<int>{In::kX, In::kResidual}
-                                                : std::initializer_list<int>{In::kX},
-                            In::kY, Get(ctx, In::kX).shape(), &y));
+    std::vector<int> candidates;
+    if (Launcher::kEpilogueOutputsMayTakeInputs || !HasEpilogue(attrs_.args, attrs_.has_residual)) {
+      candidates.push_back(In::kX);
+      if (attrs_.has_residual) candidates.push_back(In::kResidual);
+    }
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(candidates, In::kY,
+                                                              Get(ctx, In::kX).shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchMean, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchVariance, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kMeanLo, channels, &mean_lo));
@@ -88,6 +100,10 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
     // With identity, dresidual is dy itself (dz = dy): the output shares dy's buffer, so dx
     // must not take it over.
     const bool dresidual_is_dy = has_residual && attrs_.args.activation == Activation::kIdentity;
+    const bool residual_in = has_residual && !dresidual_is_dy;
+    // Without the launcher's leave, an epilogue's outputs get buffers of their own.
+    const bool may_take_inputs =
+        Launcher::kEpilogueOutputsMayTakeInputs || !HasEpilogue(attrs_.args, residual_in);
     tensorflow::Tensor *dx, *dscale, *doffset, *dresidual = nullptr;
     // Outputs take over inputs no one else holds (a real network's dy, often x): each
     // element is read before it is written (dresidual by the sums pass over dy and the
@@ -95,7 +111,7 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
     auto allocate_dx = [&](bool may_take_dy) {
       std::vector<int> candidates;
       if (may_take_dy) candidates.push_back(In::kDy);
-      if (Launcher::kDxMayTakeX) candidates.push_back(In::kX);
+      if (Launcher::kDxMayTakeX && may_take_inputs) candidates.push_back(In::kX);
       return ctx->forward_input_or_allocate_output(candidates, In::kDx, x.shape(), &dx);
     };
     if (dresidual_is_dy) {
@@ -104,21 +120,20 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
     } else if (has_residual) {
       // float16/bfloat16: the last pass reads dy and the residual again (it recomputes dz
       // in float), so dresidual may not take over either of them.
-      if (std::is_same_v<T, U>)
+      if (std::is_same_v<T, U> && may_take_inputs)
         OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                                 {In::kDy, In::kResidual}, In::kDResidual, x.shape(), &dresidual));
       else
         OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDResidual, x.shape(), &dresidual));
-      OP_REQUIRES_OK(ctx, allocate_dx(dresidual->data() != dy.data()));
+      OP_REQUIRES_OK(ctx, allocate_dx(may_take_inputs && dresidual->data() != dy.data()));
     } else {
-      OP_REQUIRES_OK(ctx, allocate_dx(true));
+      OP_REQUIRES_OK(ctx, allocate_dx(may_take_inputs));
       OP_REQUIRES_OK(
           ctx, ctx->allocate_output(In::kDResidual, tensorflow::TensorShape({0}), &dresidual));
     }
     const tensorflow::TensorShape channels({layout.channels});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDScale, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDOffset, channels, &doffset));
-    const bool residual_in = has_residual && !dresidual_is_dy;
     const BackwardData<T, U> data{dy.flat<T>().data(),
                                   x.flat<T>().data(),
                                   DataOrNull<U>(ctx, In::kScale),

@@ -56,15 +56,25 @@ class TfbnOpKernel : public WithOpAttrs<tensorflow::OpKernel, Io> {
     return absl::OkStatus();
   }
 
-  // Prepare for the ops with weights; *weights is nullptr for their empty form (every
-  // element weighs 1), else their data, checked finite and non-negative.
-  absl::Status Prepare(tensorflow::OpKernelContext* ctx, Layout* layout,
-                       const float** weights) const {
+  // Prepare for the ops with weights, for weights the host must not read (device memory):
+  // *weights is nullptr for their empty form (every element weighs 1), else their data,
+  // shape checked only.
+  absl::Status PrepareUnreadWeights(tensorflow::OpKernelContext* ctx, Layout* layout,
+                                    const float** weights) const {
     TF_RETURN_IF_ERROR(Prepare(ctx, layout));
     const tensorflow::Tensor& w = ctx->input(Io::kWeights);
-    *weights = nullptr;
-    if (w.dims() == 1 && w.dim_size(0) == 0) return absl::OkStatus();
-    const auto v = w.flat<float>();
+    const bool empty = w.dims() == 1 && w.dim_size(0) == 0;
+    *weights = empty ? nullptr : w.template flat<float>().data();
+    return absl::OkStatus();
+  }
+
+  // Prepare for the ops with weights in host memory: as PrepareUnreadWeights, and the
+  // weights are checked finite and non-negative.
+  absl::Status Prepare(tensorflow::OpKernelContext* ctx, Layout* layout,
+                       const float** weights) const {
+    TF_RETURN_IF_ERROR(PrepareUnreadWeights(ctx, layout, weights));
+    if (*weights == nullptr) return absl::OkStatus();
+    const auto v = ctx->input(Io::kWeights).template flat<float>();
     for (int64_t k = 0; k < v.size(); ++k)  // one value per position: cheap next to x
       if (!(v(k) >= 0.0f && v(k) <= std::numeric_limits<float>::max()))
         return absl::InvalidArgumentError(

@@ -39,6 +39,9 @@ constexpr int kSmallTPC = 64;
 constexpr int64_t kMinGroupsPerThread = 32;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kMaxGridY = 65535;
+// Workspace bytes the weighted split kernels keep what they learn about the weights in
+// (split_kernels.cuh's WeightInfo).
+constexpr int64_t kWeightInfoBytes = 256;
 
 // The inputs of a two-sum reduction (reduce_kernels.cuh). Pointers to T or U as the
 // operator says; nullptr where unused.
