@@ -10,7 +10,9 @@ writes y: 3N; backward reads dy and x twice and writes dx: 5N, N = bytes of x);
 "ideal" counts what a single-pass kernel would move (2N and 3N). The copy moves 2N.
 
 Then the fused epilogue relu(BN(x) + residual) on three shapes (float32, bfloat16,
-channels-last) against the plain kernels followed by torch's add + relu: key "epilogue".
+channels-last) against the plain kernels followed by torch's add + relu: key "epilogue";
+and the split path (statistics -> merge -> apply, gradient sums -> gradient apply) against
+the fused op on the same tensor (split_bench.py): key "split".
 
 Needs PyTorch with CUDA and tfbn._core built with CUDA (TFBN_CORE_PATH or installed tfbn);
 no TensorFlow. Usage: python bench.py [--out DIR] [--quick]
@@ -27,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from split_bench import run_split_cases  # this script's folder is on sys.path
 
 # (channels, spatial size) of ResNet-50's BN layers (torchvision v1.5, 224x224 input).
 RESNET50_BN = [
@@ -336,7 +339,7 @@ def profile_kernels(core, c, hw, dtype, layout, calls=5):
             print(f"  {total / calls:9.1f}  x{e.count // calls}  {name} {args}", flush=True)
 
 
-def write(out_dir, core, path, results, started, final=False, epilogue=None):
+def write(out_dir, core, path, results, started, final=False, epilogue=None, split=None):
     big = [r for r in results if r["megabytes"] >= 64]
     summary = {
         "cases": len(results),
@@ -355,7 +358,8 @@ def write(out_dir, core, path, results, started, final=False, epilogue=None):
                    "cuda_compiler": core.cuda_compiler_version(),
                    "cuda_images": core.cuda_architectures(),
                    "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
-                   "summary": summary, "results": results, "epilogue": epilogue or []},
+                   "summary": summary, "results": results, "epilogue": epilogue or [],
+                   "split": split or []},
                   f, indent=1)
     if final:
         print("summary:", json.dumps(summary), flush=True)
@@ -399,7 +403,12 @@ def main():
     epilogue = run_epilogue(core, 10.0)
     if len(epilogue) < 2 * len(EPILOGUE_SHAPES):
         failures += 2 * len(EPILOGUE_SHAPES) - len(epilogue)
-    write(args.out, core, path, results, started, final=True, epilogue=epilogue)
+    try:
+        split = run_split_cases(core, torch, time_per_call, desc, 10.0, BATCH)
+    except (RuntimeError, ValueError) as e:  # report it and keep the other results
+        print(f"split path FAILED: {e}", flush=True)
+        split, failures = [], failures + 1
+    write(args.out, core, path, results, started, final=True, epilogue=epilogue, split=split)
     if args.profile:
         for case in PROFILE_CASES:
             try:
