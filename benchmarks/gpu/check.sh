@@ -10,7 +10,8 @@
 #   pip download --no-deps -d build/nvrtc-wheels $(grep ^nvidia-cuda requirements.txt)
 # on a machine with network (the GPU machine may have none: carry the folder along).
 # TFBN_GPU_ARCHS picks the images (default: the release list, sm_60..sm_90 + compute_90);
-# TFBN_SANITIZE=0 skips the compute-sanitizer pass over a few small tests.
+# TFBN_SANITIZE=0 skips the compute-sanitizer pass over a few small tests (at most
+# TFBN_SANITIZE_TIMEOUT seconds, default 150).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT_DIR="$(mkdir -p "${1:-${OUT:-$PWD/gpu-results}}" && cd "${1:-${OUT:-$PWD/gpu-results}}" && pwd)"
@@ -69,7 +70,7 @@ if [ "${TFBN_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer > /dev/null; t
   step sanitizer
   # out-of-bounds accesses in both layouts, float32 and float16, small shapes: the fused
   # op, the split family and the epilogue
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest \
+  timeout "${TFBN_SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest \
     "$ROOT/tests/gpu" -q -p no:cacheprovider -x \
     -k "(forward_training or backward_training) and (float32 or float16) or empty_batch
         or (test_against_cpu and float16) or (weighted and float32)" \
