@@ -314,13 +314,14 @@ PROFILE_CASES = [(64, 112, "bfloat16", "channels_last"), (128, 28, "float32", "c
                  (1024, 14, "bfloat16", "contiguous"), (2048, 7, "float32", "contiguous")]
 
 
-def profile_kernels(core, c, hw, dtype, layout, calls=5):
-    """Per-kernel device time of tfbn's forward and backward (torch.profiler, CUPTI)."""
+def profile_kernels(core, c, hw, dtype, layout, calls=5, impl=None):
+    """Per-kernel device time of tfbn's forward and backward (torch.profiler, CUPTI); impl:
+    the class that runs them (Ours, or OursEpilogue for the epilogue)."""
     from torch.profiler import ProfilerActivity, profile
     dt = getattr(torch, dtype)
     shape = (BATCH, hw, hw, c) if layout == "channels_last" else (BATCH, c, hw, hw)
     x = torch.randn(shape, device="cuda", dtype=torch.float32).to(dt)
-    ours = Ours(core, x, -1 if layout == "channels_last" else 1)
+    ours = (impl or Ours)(core, x, -1 if layout == "channels_last" else 1)
     ours.forward()
     ours.backward()
     torch.cuda.synchronize()
@@ -330,7 +331,8 @@ def profile_kernels(core, c, hw, dtype, layout, calls=5):
             ours.backward()
         torch.cuda.synchronize()
     mb = x.numel() * x.element_size() / 1e6
-    print(f"kernels of {c}x{hw} {dtype} {layout} ({mb:.0f} MB), us per call:", flush=True)
+    what = "" if impl is None else f" ({impl.__name__})"
+    print(f"kernels{what} of {c}x{hw} {dtype} {layout} ({mb:.0f} MB), us per call:", flush=True)
     for e in prof.key_averages():
         total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if total and e.count:
@@ -410,9 +412,11 @@ def main():
         split, failures = [], failures + 1
     write(args.out, core, path, results, started, final=True, epilogue=epilogue, split=split)
     if args.profile:
-        for case in PROFILE_CASES:
+        for case, impl in [(case, None) for case in PROFILE_CASES] + [
+                ((512, 28, dtype, "channels_last"), OursEpilogue)
+                for dtype in ("float32", "bfloat16")]:
             try:
-                profile_kernels(core, *case)
+                profile_kernels(core, *case, impl=impl)
             except Exception as e:  # noqa: BLE001 -- a profiler that cannot run is no failure
                 print(f"profile {case}: {type(e).__name__}: {e}", flush=True)
     if failures:
