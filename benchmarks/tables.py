@@ -320,6 +320,44 @@ def gpu():
               f"{data['torch']})._\n")
 
 
+def gpu_paths():
+    """The GPU's split path and fused epilogue against the fused op and separate kernels."""
+    data = load("gpu/bench_gpu.json")
+    rows = []
+    for r in data.get("split", []):
+        lay = "NHWC" if r["layout"] == "channels_last" else "NCHW"
+        rows.append(["split: stats, merge, apply; grad sums, grad apply",
+                     f"{r['channels']} x {r['spatial']}x{r['spatial']}", r["dtype"], lay,
+                     f"{r['us']['fused_fwd_bwd']:.0f}", f"{r['us']['split_fwd_bwd']:.0f}",
+                     f"{r['ratio']['fwd_bwd']:.3f}"])
+    for r in data.get("epilogue", []):
+        rows.append([f"epilogue: {r['activation']}(BN(x) + residual)",
+                     f"{r['channels']} x {r['spatial']}x{r['spatial']}", r["dtype"], "NHWC",
+                     f"{r['us']['separate_fwd_bwd']:.0f}", f"{r['us']['fused_fwd_bwd']:.0f}",
+                     f"{r['us']['fused_fwd_bwd'] / r['us']['separate_fwd_bwd']:.3f}"])
+    batch = data["results"][0]["batch"]
+    return (table(["path", "C x HW", "dtype", "layout", "reference us", "tfbn us",
+                   "time ratio"], rows)
+            + f"\nTraining forward + backward at batch {batch}. Split: the reference is the "
+              "fused op on the same tensor (one part; the collective between the steps is not "
+              "timed). Epilogue: the reference is the plain tfbn kernels followed by PyTorch's "
+              "add and relu and their gradient (the same bytes a TensorFlow graph of the plain "
+              "op and tf.add + tf.nn.relu moves). Below 1: tfbn's path is faster.\n"
+            + f"\n_Source: `benchmarks/results/gpu/bench_gpu.json` ({data['device']}, PyTorch "
+              f"{data['torch']})._\n")
+
+
+def gpu_nvrtc():
+    """The NVRTC build's kernels against the nvcc build's, one machine, one session."""
+    data = load("gpu/nvrtc_vs_nvcc.json")
+    m = data["summary"]
+    return (f"Against the build before NVRTC (nvcc 13, static CUDA runtime), the same kernels "
+            f"run at {m['min']:.3f}x to {m['max']:.3f}x of its time (median {m['median']:.3f}x "
+            f"over the {m['cases']} cases of the benchmark, best of two alternating runs each).\n"
+            f"\n_Source: `benchmarks/results/gpu/nvrtc_vs_nvcc.json` ({data['device']}, "
+            f"PyTorch {data['torch']})._\n")
+
+
 RESNET_NAMES = {"keras": "Keras BatchNormalization",
                 "tfbn": "`tfbn.convert(model, fuse_epilogue=False)`",
                 "tfbn_fused": "`tfbn.convert(model)` (fused tails)",
@@ -376,7 +414,7 @@ def readme_status():
         ["CPU", "every op, float16/bfloat16/float32/float64, any axis",
          f"float32 training step: {up('fused_v3')} over FusedBatchNormV3, {up('keras')} over "
          f"Keras; {floor} of the DRAM floor"],
-        ["GPU (CUDA)", "fused op forward and gradient; the rest runs on the host",
+        ["GPU (CUDA 12.5, sm_60 and up)", "every op: fused, epilogue, split family",
          f"fp32 NHWC {gpu_up('float32', 'channels_last')}, bf16 NHWC "
          f"{gpu_up('bfloat16', 'channels_last')} over PyTorch (kernels only)"],
         ["Keras models", "`tfbn.convert` of ResNet-50 (112x112, batch 16), CPU",
@@ -396,7 +434,8 @@ TABLES = {
     "half-precision": half_precision, "memory": memory, "overhead": overhead, "e2e": e2e,
     "onednn": onednn,
     "renorm-mask": renorm_mask, "epilogue": epilogue, "distributed": distributed,
-    "gpu": gpu, "readme-status": readme_status, "e2e-resnet": e2e_resnet,
+    "gpu": gpu, "gpu-paths": gpu_paths, "gpu-nvrtc": gpu_nvrtc,
+    "readme-status": readme_status, "e2e-resnet": e2e_resnet,
     "bn-after-conv": bn_after_conv,
 }
 
