@@ -20,13 +20,6 @@ std::string BackwardFinalizeName(DType dtype) {
                   {dtype == DType::kDouble ? "double" : "float"});
 }
 
-// Returns the first failure of a sequence of launches.
-#define TFBN_LAUNCH(expr)                                \
-  do {                                                   \
-    const Result launch_result = (expr);                 \
-    if (launch_result != kSuccess) return launch_result; \
-  } while (0)
-
 }  // namespace
 
 size_t ForwardWorkspaceBytes(DType dtype, const Layout& layout, bool training) {

@@ -52,24 +52,6 @@ std::string GradFlatName(DType dtype, int act, int v) {
                   {DeviceTypeName(dtype), Act(act), std::to_string(v)});
 }
 
-int Pow2AtLeast(int64_t n, int cap) {
-  int p = 1;
-  while (p < n && p < cap) p *= 2;
-  return p;
-}
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int64_t GridOf(int64_t needed, int64_t resident) {
-  return std::max<int64_t>(1, resident > 0 ? std::min(needed, resident) : needed);
-}
-
-#define TFBN_LAUNCH(expr)                                \
-  do {                                                   \
-    const Result launch_result = (expr);                 \
-    if (launch_result != kSuccess) return launch_result; \
-  } while (0)
-
 // The last backward pass, planned as LaunchApply plans the generic one (two inputs' worth
 // of loads in flight; a group that would span two planes falls back to single elements).
 Result LaunchGradApply(DType dtype, int act, const void* dy, const void* x, const void* res,

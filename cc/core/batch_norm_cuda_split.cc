@@ -53,13 +53,6 @@ Dim3 ChannelGrid(int64_t C) { return {static_cast<unsigned>(CeilDiv(C, kThreads)
 // The weighted kernels load one element at a time: the generic partition for that width.
 ReducePlan WeightedPlan(const Layout& layout) { return MakeReducePlan(layout, 1, true); }
 
-// Returns the first failure of a sequence of launches.
-#define TFBN_LAUNCH(expr)                                \
-  do {                                                   \
-    const Result launch_result = (expr);                 \
-    if (launch_result != kSuccess) return launch_result; \
-  } while (0)
-
 }  // namespace
 
 // Workspace: the partials [nb][2][C], then (weighted) the WeightInfo.

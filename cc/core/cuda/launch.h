@@ -36,6 +36,14 @@ Result Launch(const std::string& name, Dim3 grid, Dim3 block, size_t shared_byte
   return LaunchKernel(name, grid, block, shared_bytes, stream, pointers);
 }
 
+// In a launcher: returns the result of a launch (or of a launcher) that failed, so a
+// sequence of launches stops at the first failure.
+#define TFBN_LAUNCH(expr)                                \
+  do {                                                   \
+    const Result launch_result = (expr);                 \
+    if (launch_result != kSuccess) return launch_result; \
+  } while (0)
+
 // Blocks of `block_threads` threads (no dynamic shared memory) of kernel `name` that the
 // stream's device holds at once, over all its SMs; 0 when the driver cannot say.
 int64_t ResidentBlocks(const std::string& name, int block_threads, Stream stream);

@@ -9,19 +9,6 @@ namespace tfbn {
 namespace cuda {
 namespace {
 
-int Pow2AtLeast(int64_t n, int cap) {
-  int p = 1;
-  while (p < n && p < cap) p *= 2;
-  return p;
-}
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// At most `resident` blocks (when known), at least one.
-int64_t GridOf(int64_t needed, int64_t resident) {
-  return std::max<int64_t>(1, resident > 0 ? std::min(needed, resident) : needed);
-}
-
 std::string Bool(bool b) { return b ? "true" : "false"; }
 
 std::string RowsReduceName(const std::string& op, bool aligned) {
@@ -38,6 +25,18 @@ std::string ApplyFlatName(const std::string& op, int v, bool mixed) {
 }
 
 }  // namespace
+
+int Pow2AtLeast(int64_t n, int cap) {
+  int p = 1;
+  while (p < n && p < cap) p *= 2;
+  return p;
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t GridOf(int64_t needed, int64_t resident) {
+  return std::max<int64_t>(1, resident > 0 ? std::min(needed, resident) : needed);
+}
 
 std::string OpName(const char* templ, DType dtype) {
   return Instance(std::string("tfbn::cuda::") + templ, {DeviceTypeName(dtype)});

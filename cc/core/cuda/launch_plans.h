@@ -23,6 +23,12 @@ using NameSink = std::function<void(const std::string&)>;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The smallest power of two >= n, at most cap.
+int Pow2AtLeast(int64_t n, int cap);
+bool Aligned16(const void* p);
+// A grid of at most `resident` blocks (when known, > 0), at least one.
+int64_t GridOf(int64_t needed, int64_t resident);
+
 // Elements per 16-byte vector: the group size of both layouts.
 inline int VecOf(DType t) { return static_cast<int>(16 / ElementBytes(t)); }
 
