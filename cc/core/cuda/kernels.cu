@@ -25,7 +25,7 @@
 #endif
 
 #include "core/cuda/apply_kernels.cuh"
+#include "core/cuda/epilogue_kernels.cuh"
 #include "core/cuda/finalize_kernels.cuh"
 #include "core/cuda/reduce_kernels.cuh"
 #include "core/cuda/split_kernels.cuh"
-#include "core/cuda/epilogue_kernels.cuh"
