@@ -92,9 +92,9 @@ Result LaunchGradApply(DType dtype, int act, const void* dy, const void* x, cons
 
 }  // namespace
 
+// The plain forward's: the same reduction and the same four coefficient rows.
 size_t ForwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout, bool training) {
-  const ReducePlan plan = MakeReducePlan(layout, VecOf(dtype), training);
-  return MakeWorkspacePlan(layout, plan, ParamBytes(dtype), kForwardCoefRows).total();
+  return ForwardWorkspaceBytes(dtype, layout, training);
 }
 
 size_t BackwardEpilogueWorkspaceBytes(DType dtype, const Layout& layout) {

@@ -77,30 +77,7 @@ struct CpuSplitLauncher {
   }
 };
 
-#define TFBN_REGISTER_SPLIT(T, U)                                                       \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("TfbnBatchNormStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      StatsOp<CpuSplitLauncher, T>);                                                    \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE_CPU, T, U,                       \
-                          ApplyOp<CpuSplitLauncher, T, U>);                             \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradSums", DEVICE_CPU, T, U,                    \
-                          GradSumsOp<CpuSplitLauncher, T, U>);                          \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradApply", DEVICE_CPU, T, U,                   \
-                          GradApplyOp<CpuSplitLauncher, T, U>);
-
-TFBN_REGISTER_SPLIT(Eigen::half, float)
-TFBN_REGISTER_SPLIT(tensorflow::bfloat16, float)
-TFBN_REGISTER_SPLIT(float, float)
-TFBN_REGISTER_SPLIT(double, double)
-#undef TFBN_REGISTER_SPLIT
-
-#define TFBN_REGISTER_MERGE(U)                                                               \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfbnBatchNormMergeStats").Device(tensorflow::DEVICE_CPU).TypeConstraint<U>("U"), \
-      MergeStatsOp<CpuSplitLauncher, U>);
-TFBN_REGISTER_MERGE(float)
-TFBN_REGISTER_MERGE(double)
-#undef TFBN_REGISTER_MERGE
+TFBN_REGISTER_SPLIT_OPS(DEVICE_CPU, CpuSplitLauncher)
 
 }  // namespace
 }  // namespace tfbn

@@ -74,32 +74,8 @@ struct GpuSplitLauncher {
   }
 };
 
-// The same (T, U) pairs as the CPU kernels. No input is HostMemory: the host needs shapes
-// only.
-#define TFBN_REGISTER_SPLIT(T, U)                                                       \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("TfbnBatchNormStats").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
-      StatsOp<GpuSplitLauncher, T>);                                                    \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE_GPU, T, U,                       \
-                          ApplyOp<GpuSplitLauncher, T, U>);                             \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradSums", DEVICE_GPU, T, U,                    \
-                          GradSumsOp<GpuSplitLauncher, T, U>);                          \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradApply", DEVICE_GPU, T, U,                   \
-                          GradApplyOp<GpuSplitLauncher, T, U>);
-
-TFBN_REGISTER_SPLIT(Eigen::half, float)
-TFBN_REGISTER_SPLIT(tensorflow::bfloat16, float)
-TFBN_REGISTER_SPLIT(float, float)
-TFBN_REGISTER_SPLIT(double, double)
-#undef TFBN_REGISTER_SPLIT
-
-#define TFBN_REGISTER_MERGE(U)                                                               \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("TfbnBatchNormMergeStats").Device(tensorflow::DEVICE_GPU).TypeConstraint<U>("U"), \
-      MergeStatsOp<GpuSplitLauncher, U>);
-TFBN_REGISTER_MERGE(float)
-TFBN_REGISTER_MERGE(double)
-#undef TFBN_REGISTER_MERGE
+// No input is HostMemory: the host needs shapes only.
+TFBN_REGISTER_SPLIT_OPS(DEVICE_GPU, GpuSplitLauncher)
 
 }  // namespace
 }  // namespace tfbn

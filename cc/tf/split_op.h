@@ -164,3 +164,26 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
 };
 
 }  // namespace tfbn
+
+// Registers the split ops' kernels on DEVICE (DEVICE_CPU, DEVICE_GPU) with LAUNCHER: the
+// same (T, U) pairs on every device.
+#define TFBN_REGISTER_SPLIT_PAIR(DEVICE, LAUNCHER, T, U)                                        \
+  REGISTER_KERNEL_BUILDER(                                                                      \
+      Name("TfbnBatchNormStats").Device(::tensorflow::DEVICE).TypeConstraint<T>("T"),           \
+      ::tfbn::StatsOp<LAUNCHER, T>);                                                            \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormApply", DEVICE, T, U, ::tfbn::ApplyOp<LAUNCHER, T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradSums", DEVICE, T, U,                                \
+                          ::tfbn::GradSumsOp<LAUNCHER, T, U>);                                  \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGradApply", DEVICE, T, U,                               \
+                          ::tfbn::GradApplyOp<LAUNCHER, T, U>);
+#define TFBN_REGISTER_SPLIT_MERGE(DEVICE, LAUNCHER, U)                                     \
+  REGISTER_KERNEL_BUILDER(                                                                 \
+      Name("TfbnBatchNormMergeStats").Device(::tensorflow::DEVICE).TypeConstraint<U>("U"), \
+      ::tfbn::MergeStatsOp<LAUNCHER, U>);
+#define TFBN_REGISTER_SPLIT_OPS(DEVICE, LAUNCHER)                         \
+  TFBN_REGISTER_SPLIT_PAIR(DEVICE, LAUNCHER, Eigen::half, float)          \
+  TFBN_REGISTER_SPLIT_PAIR(DEVICE, LAUNCHER, tensorflow::bfloat16, float) \
+  TFBN_REGISTER_SPLIT_PAIR(DEVICE, LAUNCHER, float, float)                \
+  TFBN_REGISTER_SPLIT_PAIR(DEVICE, LAUNCHER, double, double)              \
+  TFBN_REGISTER_SPLIT_MERGE(DEVICE, LAUNCHER, float)                      \
+  TFBN_REGISTER_SPLIT_MERGE(DEVICE, LAUNCHER, double)
