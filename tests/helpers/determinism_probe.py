@@ -21,8 +21,11 @@ tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
 import tfbn  # noqa: E402
 from tfbn import _core, split  # noqa: E402
 
+# Channels-last rows of whole tiles, of narrower tiles plus a part-filled vector (600 =
+# 9 x 64 + 16 + 8; 13), planes of whole lane vectors (28 x 28) and planes that are not (7 x 7).
 CASES = [((32, 28, 28, 32), -1), ((32, 32, 28, 28), 1), ((4096, 256), -1),
-         ((8, 8, 16, 16, 16), 1), ((6, 9, 9, 600), -1)]
+         ((8, 8, 16, 16, 16), 1), ((6, 9, 9, 600), -1), ((40, 5, 5, 13), -1),
+         ((16, 6, 7, 7), 1)]
 DTYPES = (tf.float32, tf.bfloat16, tf.float16, tf.float64)
 
 
