@@ -20,7 +20,8 @@ from test_ops import NP_DTYPES, param_np
 from tfbn import _library
 
 ACTIVATIONS = ["identity", "relu", "relu6", "silu"]
-LAYOUTS = [  # NHWC (a part-filled vector), NHWC (a whole tile + a vector), NCHW, small inner, [N, C]
+# NHWC (a part-filled vector), NHWC (a whole tile + a vector), NCHW, small inner, [N, C]
+LAYOUTS = [
     ((4, 5, 6, 8), -1),
     ((3, 4, 4, 80), -1),
     ((4, 8, 5, 6), 1),
