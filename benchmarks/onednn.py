@@ -3,7 +3,8 @@
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import, so each setting runs in a child
 process of its own: `python benchmarks/onednn.py --child ...` times tfbn (and, for
 reference, FusedBatchNormV3, which oneDNN replaces when on) in train_fwd and train_bwd on
-each case, interleaved as in op_bench, and prints one JSON line of medians. The parent
+each case, interleaved as in op_bench, after warm-up calls until none touches fresh
+memory (settle_calls), and prints one JSON line of medians. The parent
 alternates the two settings over several rounds (the first setting swaps each round) so
 that a noisy machine's slow spells spread over both, and reports per case and contender
 the median over the rounds of the children's medians per setting and off / on.
@@ -66,13 +67,34 @@ def child(cases, dtypes, reps):
                         fns.pop(name, None)
                         ms[name] = {"na": f"{type(err).__name__}: "
                                           f"{str(err).splitlines()[0][:160]}"}
+                settle = settle_calls(fns)
                 samples = round_robin(fns, reps, reps, budget_s=0.0)[0] if fns else {}
                 ms.update({name: median_ms(s) for name, s in samples.items()})
                 records.append({"shape": list(shape), "axis": axis, "layout": layout,
-                                "dtype": dtype, "mode": mode, "ms": ms,
+                                "dtype": dtype, "mode": mode, "ms": ms, "settle": settle,
                                 "faults": {name: page_faults(fn) for name, fn in fns.items()}})
             del inputs
     return records
+
+
+# Calls before timing: at most this many rounds of every contender, until a round in which
+# none of them faults in a page.
+MAX_SETTLE_ROUNDS = 40
+
+
+def settle_calls(fns):
+    """Calls every contender, interleaved as the timing does, until a round in which none
+    of them touches a fresh page (at most MAX_SETTLE_ROUNDS); returns the rounds taken.
+
+    Without oneDNN, TensorFlow's CPU allocator is glibc's malloc: for the first few calls
+    of a new shape, outputs of this size come from fresh mmap'd memory (the allocator's
+    thresholds adapt), then from memory reused call after call. A training loop runs the
+    same shapes thousands of times, so the steady state is what is timed; how many calls
+    it takes to get there is reported beside it."""
+    for r in range(1, MAX_SETTLE_ROUNDS + 1):
+        if all(page_faults(fn, calls=1) == 0 for fn in fns.values()):
+            return r
+    return MAX_SETTLE_ROUNDS
 
 
 def page_faults(fn, calls=5):
@@ -129,13 +151,17 @@ def run(quick=False, rounds=None, reps=None, dtypes=None, log=sys.stderr):
             off, on, off_bfc = (statistics.median(per[s]) for s in SETTINGS)
             faults = {s: statistics.median(rs[i]["faults"][name] for rs in runs[s])
                       for s in SETTINGS}
+            settle = {s: max(rs[i]["settle"] for rs in runs[s]) for s in SETTINGS}
             rec["results"][name] = {"ms_off": off, "ms_on": on, "off_over_on": off / on,
                                     "ms_off_bfc": off_bfc, "off_bfc_over_on": off_bfc / on,
                                     "rounds_ms_off": per["0"], "rounds_ms_on": per["1"],
                                     "rounds_ms_off_bfc": per["0b"],
                                     "page_faults_off": faults["0"],
                                     "page_faults_on": faults["1"],
-                                    "page_faults_off_bfc": faults["0b"]}
+                                    "page_faults_off_bfc": faults["0b"],
+                                    "settle_rounds_off": settle["0"],
+                                    "settle_rounds_on": settle["1"],
+                                    "settle_rounds_off_bfc": settle["0b"]}
         out.append(rec)
     ratios = [r["results"]["tfbn"]["off_over_on"] for r in out
               if "off_over_on" in r["results"]["tfbn"]]
@@ -168,6 +194,11 @@ def table(res):
     lines.append(f"  TensorFlow logged oneDNN on: off children {logged['off']}, "
                  f"on children {logged['on']}, off+BFC children {logged['off_bfc']}")
     lines.append("  +BFC: off with TF_CPU_ALLOCATOR_USE_BFC=true, over on")
+    settle = [r["results"]["tfbn"].get("settle_rounds_off") for r in res["records"]]
+    if all(isinstance(v, int) for v in settle):
+        lines.append(f"  timed after warm-up rounds without page faults: oneDNN off took "
+                     f"{min(settle)} to {max(settle)} rounds to get there "
+                     f"(at most {MAX_SETTLE_ROUNDS})")
     if res["tfbn_max_deviation"] is not None:
         lines.append(f"  tfbn off/on furthest from 1: {100 * res['tfbn_max_deviation']:.1f}% "
                      "(target: within 10%)")

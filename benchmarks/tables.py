@@ -190,6 +190,15 @@ def overhead():
             + source(data, "overhead.json"))
 
 
+def settled(data):
+    """How many warm-up rounds tfbn's children took before a round without page faults."""
+    rounds = [r["results"]["tfbn"].get("settle_rounds_off") for r in data["records"]]
+    if not rounds or not all(isinstance(v, int) for v in rounds):
+        return ""
+    return (f"Timed after warm-up rounds until none faulted in a page: with oneDNN off "
+            f"{min(rounds)} to {max(rounds)} rounds. ")
+
+
 def onednn():
     if not os.path.exists(os.path.join(RESULTS, "onednn.json")):
         return ("\n_No `benchmarks/results/onednn.json` yet: the next full `make bench` "
@@ -220,7 +229,9 @@ def onednn():
             + f"\nMedian over {data['rounds']} rounds of one child process per setting, each "
               f"taking medians of {data['reps_per_child']} interleaved runs; the settings "
               "alternate. off + BFC: oneDNN off with `TF_CPU_ALLOCATOR_USE_BFC=true`. Page "
-              "faults: per call, median over the rounds. TensorFlow's own log line "
+              "faults: per call, median over the rounds. "
+              + settled(data)
+              + "TensorFlow's own log line "
               + ("confirms" if checked else "does not confirm")
               + " the setting in every child.\n"
             + source(data, "onednn.json"))

@@ -19,6 +19,7 @@
 #include "core/batch_norm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tf/large_outputs.h"
 #include "tf/op_kernel_base.h"
 
 namespace tfbn {
@@ -67,8 +68,8 @@ class BatchNormOp : public TfbnOpKernel<BatchNormIo> {
       candidates.push_back(In::kX);
       if (attrs_.has_residual) candidates.push_back(In::kResidual);
     }
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(candidates, In::kY,
-                                                              Get(ctx, In::kX).shape(), &y));
+    OP_REQUIRES_OK(ctx,
+                   ForwardOrAllocateLarge(ctx, candidates, In::kY, Get(ctx, In::kX).shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchMean, channels, &batch_mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kBatchVariance, channels, &batch_variance));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kMeanLo, channels, &mean_lo));
@@ -112,7 +113,7 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
       std::vector<int> candidates;
       if (may_take_dy) candidates.push_back(In::kDy);
       if (Launcher::kDxMayTakeX && may_take_inputs) candidates.push_back(In::kX);
-      return ctx->forward_input_or_allocate_output(candidates, In::kDx, x.shape(), &dx);
+      return ForwardOrAllocateLarge(ctx, candidates, In::kDx, x.shape(), &dx);
     };
     if (dresidual_is_dy) {
       OP_REQUIRES_OK(ctx, allocate_dx(false));
@@ -121,10 +122,10 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
       // float16/bfloat16: the last pass reads dy and the residual again (it recomputes dz
       // in float), so dresidual may not take over either of them.
       if (std::is_same_v<T, U> && may_take_inputs)
-        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                                {In::kDy, In::kResidual}, In::kDResidual, x.shape(), &dresidual));
+        OP_REQUIRES_OK(ctx, ForwardOrAllocateLarge(ctx, {In::kDy, In::kResidual}, In::kDResidual,
+                                                   x.shape(), &dresidual));
       else
-        OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDResidual, x.shape(), &dresidual));
+        OP_REQUIRES_OK(ctx, ForwardOrAllocateLarge(ctx, {}, In::kDResidual, x.shape(), &dresidual));
       OP_REQUIRES_OK(ctx, allocate_dx(may_take_inputs && dresidual->data() != dy.data()));
     } else {
       OP_REQUIRES_OK(ctx, allocate_dx(may_take_inputs));

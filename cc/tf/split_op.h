@@ -20,6 +20,7 @@
 #include "core/batch_norm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tf/large_outputs.h"
 #include "tf/op_kernel_base.h"
 #include "tf/validation.h"
 
@@ -100,7 +101,7 @@ class ApplyOp : public TfbnOpKernel<ApplyIo> {
     tensorflow::Tensor* y;
     std::vector<int> candidates;
     if (Launcher::kApplyYMayTakeX) candidates.push_back(In::kX);
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(candidates, In::kY, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ForwardOrAllocateLarge(ctx, candidates, In::kY, x.shape(), &y));
     const ApplyData<T, U> data{
         x.flat<T>().data(),      DataOrNull<U>(ctx, In::kScale),  DataOrNull<U>(ctx, In::kOffset),
         Data<U>(ctx, In::kMean), DataOrNull<U>(ctx, In::kMeanLo), Data<U>(ctx, In::kVariance),
@@ -141,7 +142,7 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
     tensorflow::Tensor *dx, *dscale, *doffset;
     const tensorflow::TensorShape channels({layout.channels});
     // Both launchers read each element of dy before they write that element of dx.
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({In::kDy}, In::kDx, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ForwardOrAllocateLarge(ctx, {In::kDy}, In::kDx, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDScale, channels, &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(In::kDOffset, channels, &doffset));
     const tensorflow::Tensor& global = Get(ctx, In::kGlobalSums);
