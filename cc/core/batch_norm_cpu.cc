@@ -161,10 +161,14 @@ void ChannelMoments(const Layout& layout, const T* x, double* mean, double* m2,
 }
 
 // A copy of a per-channel array with the periodic padding the elementwise kernels read.
+// padded[j] = values[j % C], without a division per element (which cost small tensors
+// more than their kernels).
 template <typename U>
 std::vector<U> Padded(const U* values, int64_t C) {
   std::vector<U> padded(static_cast<size_t>(C + kParamPadding));
-  for (int64_t j = 0; j < C + kParamPadding; ++j) padded[j] = C > 0 ? values[j % C] : U(0);
+  if (C == 0) return padded;
+  std::copy(values, values + C, padded.begin());
+  for (int64_t j = C; j < C + kParamPadding; ++j) padded[j] = padded[j - C];
   return padded;
 }
 

@@ -180,9 +180,12 @@ void WeightedApplyGradWithSums(const Layout& layout, const T* dy, const T* x, co
   if (inner == 1) {
     const int64_t R = WeightedRowsPerCall(C);
     std::vector<U> th(R * C), tl(R * C), ta(R * C), tb(R * C), tc(R * C);  // tiled R times
-    for (int64_t j = 0; j < R * C; ++j) {
-      th[j] = hi[j % C], tl[j] = g.lo[j % C], ta[j] = g.ga[j % C];
-      tb[j] = g.gb[j % C], tc[j] = g.gc[j % C];
+    for (int64_t r = 0; r < R; ++r) {  // row by row: no division per element
+      std::copy(hi, hi + C, th.begin() + r * C);
+      std::copy(g.lo.begin(), g.lo.begin() + C, tl.begin() + r * C);
+      std::copy(g.ga.begin(), g.ga.begin() + C, ta.begin() + r * C);
+      std::copy(g.gb.begin(), g.gb.begin() + C, tb.begin() + r * C);
+      std::copy(g.gc.begin(), g.gc.begin() + C, tc.begin() + r * C);
     }
     ForEachUnit(layout, parallel_for, [&](int64_t r0, int64_t r1) {
       k.weighted_grad_rows(cpu::Raw(dy), cpu::Raw(x), cpu::Raw(dx), weights, wscale, C, r0, r1, R,
