@@ -59,6 +59,7 @@ class ReusingAllocator final : public tensorflow::Allocator {
     if (p == nullptr) return;
     std::lock_guard<std::mutex> lock(mu_);
     const auto it = sizes_.find(p);
+    if (it == sizes_.end()) return;  // not a block of this allocator: never ours to free
     const size_t size = it->second;
     if (free_bytes_ + size <= limit_) {
       free_[size].push_back(p);
