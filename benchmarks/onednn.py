@@ -3,8 +3,8 @@
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import, so each setting runs in a child
 process of its own: `python benchmarks/onednn.py --child ...` times tfbn (and, for
 reference, FusedBatchNormV3, which oneDNN replaces when on) in train_fwd and train_bwd on
-each case, interleaved as in op_bench, after warm-up calls until none touches fresh
-memory (settle_calls), and prints one JSON line of medians. The parent
+each case, each contender on its own (see child()), after warm-up calls until one touches
+no fresh memory (settle_calls), and prints one JSON line of medians. The parent
 alternates the two settings over several rounds (the first setting swaps each round) so
 that a noisy machine's slow spells spread over both, and reports per case and contender
 the median over the rounds of the children's medians per setting and off / on.
@@ -67,34 +67,39 @@ def child(cases, dtypes, reps):
                         fns.pop(name, None)
                         ms[name] = {"na": f"{type(err).__name__}: "
                                           f"{str(err).splitlines()[0][:160]}"}
-                settle = settle_calls(fns)
-                samples = round_robin(fns, reps, reps, budget_s=0.0)[0] if fns else {}
-                ms.update({name: median_ms(s) for name, s in samples.items()})
+                # Each contender on its own, tfbn first: interleaved, tfbn's time would
+                # depend on how much of the cache the FusedBatchNormV3 call before it had
+                # evicted, and that differs between the settings (without oneDNN, the NCHW
+                # one takes 3x longer and moves several times the bytes).
+                settle, faults = {}, {}
+                for name, fn in fns.items():
+                    settle[name] = settle_calls(fn)
+                    ms[name] = median_ms(round_robin({name: fn}, reps, reps, budget_s=0.0)[0][name])
+                    faults[name] = page_faults(fn)
                 records.append({"shape": list(shape), "axis": axis, "layout": layout,
-                                "dtype": dtype, "mode": mode, "ms": ms, "settle": settle,
-                                "faults": {name: page_faults(fn) for name, fn in fns.items()}})
+                                "dtype": dtype, "mode": mode, "ms": ms,
+                                "settle": settle.get("tfbn", 0), "faults": faults})
             del inputs
     return records
 
 
-# Calls before timing: at most this many rounds of every contender, until a round in which
-# none of them faults in a page.
-MAX_SETTLE_ROUNDS = 40
+# Calls before timing: at most this many, until a call faults in no page.
+MAX_SETTLE_CALLS = 40
 
 
-def settle_calls(fns):
-    """Calls every contender, interleaved as the timing does, until a round in which none
-    of them touches a fresh page (at most MAX_SETTLE_ROUNDS); returns the rounds taken.
+def settle_calls(fn):
+    """Calls fn until a call touches no fresh page (at most MAX_SETTLE_CALLS calls);
+    returns the calls taken.
 
     Without oneDNN, TensorFlow's CPU allocator is glibc's malloc: for the first few calls
     of a new shape, outputs of this size come from fresh mmap'd memory (the allocator's
     thresholds adapt), then from memory reused call after call. A training loop runs the
     same shapes thousands of times, so the steady state is what is timed; how many calls
     it takes to get there is reported beside it."""
-    for r in range(1, MAX_SETTLE_ROUNDS + 1):
-        if all(page_faults(fn, calls=1) == 0 for fn in fns.values()):
+    for r in range(1, MAX_SETTLE_CALLS + 1):
+        if page_faults(fn, calls=1) == 0:
             return r
-    return MAX_SETTLE_ROUNDS
+    return MAX_SETTLE_CALLS
 
 
 def page_faults(fn, calls=5):
@@ -126,7 +131,7 @@ def _run_child(setting, cases, dtypes, reps):
 def run(quick=False, rounds=None, reps=None, dtypes=None, log=sys.stderr):
     cases = [list(c) for c in (QUICK_CASES if quick else CASES)]
     dtypes = list(dtypes or (["float32"] if quick else DTYPES))
-    rounds = rounds or (2 if quick else 3)
+    rounds = rounds or (2 if quick else 5)
     reps = reps or (5 if quick else 10)
     runs = {s: [] for s in SETTINGS}
     log_says_on = {s: [] for s in SETTINGS}
@@ -159,9 +164,9 @@ def run(quick=False, rounds=None, reps=None, dtypes=None, log=sys.stderr):
                                     "page_faults_off": faults["0"],
                                     "page_faults_on": faults["1"],
                                     "page_faults_off_bfc": faults["0b"],
-                                    "settle_rounds_off": settle["0"],
-                                    "settle_rounds_on": settle["1"],
-                                    "settle_rounds_off_bfc": settle["0b"]}
+                                    "settle_calls_off": settle["0"],
+                                    "settle_calls_on": settle["1"],
+                                    "settle_calls_off_bfc": settle["0b"]}
         out.append(rec)
     ratios = [r["results"]["tfbn"]["off_over_on"] for r in out
               if "off_over_on" in r["results"]["tfbn"]]
@@ -194,11 +199,11 @@ def table(res):
     lines.append(f"  TensorFlow logged oneDNN on: off children {logged['off']}, "
                  f"on children {logged['on']}, off+BFC children {logged['off_bfc']}")
     lines.append("  +BFC: off with TF_CPU_ALLOCATOR_USE_BFC=true, over on")
-    settle = [r["results"]["tfbn"].get("settle_rounds_off") for r in res["records"]]
+    settle = [r["results"]["tfbn"].get("settle_calls_off") for r in res["records"]]
     if all(isinstance(v, int) for v in settle):
-        lines.append(f"  timed after warm-up rounds without page faults: oneDNN off took "
-                     f"{min(settle)} to {max(settle)} rounds to get there "
-                     f"(at most {MAX_SETTLE_ROUNDS})")
+        lines.append(f"  timed after warm-up calls until one faulted in no page: tfbn with "
+                     f"oneDNN off took {min(settle)} to {max(settle)} calls to get there "
+                     f"(at most {MAX_SETTLE_CALLS})")
     if res["tfbn_max_deviation"] is not None:
         lines.append(f"  tfbn off/on furthest from 1: {100 * res['tfbn_max_deviation']:.1f}% "
                      "(target: within 10%)")

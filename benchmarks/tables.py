@@ -191,12 +191,12 @@ def overhead():
 
 
 def settled(data):
-    """How many warm-up rounds tfbn's children took before a round without page faults."""
-    rounds = [r["results"]["tfbn"].get("settle_rounds_off") for r in data["records"]]
-    if not rounds or not all(isinstance(v, int) for v in rounds):
+    """How many warm-up calls tfbn took before a call without page faults (oneDNN off)."""
+    calls = [r["results"]["tfbn"].get("settle_calls_off") for r in data["records"]]
+    if not calls or not all(isinstance(v, int) for v in calls):
         return ""
-    return (f"Timed after warm-up rounds until none faulted in a page: with oneDNN off "
-            f"{min(rounds)} to {max(rounds)} rounds. ")
+    return (f"Timed after warm-up calls until one faulted in no page: tfbn with oneDNN off "
+            f"took {min(calls)} to {max(calls)}. ")
 
 
 def onednn():
@@ -227,9 +227,9 @@ def onednn():
                and all(logged.get("on", [False])))
     return (table(head, rows)
             + f"\nMedian over {data['rounds']} rounds of one child process per setting, each "
-              f"taking medians of {data['reps_per_child']} interleaved runs; the settings "
-              "alternate. off + BFC: oneDNN off with `TF_CPU_ALLOCATOR_USE_BFC=true`. Page "
-              "faults: per call, median over the rounds. "
+              f"taking medians of {data['reps_per_child']} runs of each contender on its own; "
+              "the settings alternate. off + BFC: oneDNN off with "
+              "`TF_CPU_ALLOCATOR_USE_BFC=true`. Page faults: per call, median over the rounds. "
               + settled(data)
               + "TensorFlow's own log line "
               + ("confirms" if checked else "does not confirm")
