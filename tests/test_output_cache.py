@@ -1,6 +1,7 @@
 """tfbn's cache of large CPU outputs (used where TensorFlow's CPU allocator is the plain
 one: oneDNN off). The same bits with the cache, without it, and with oneDNN on, and no
-output corrupted while blocks are recycled (helpers/output_cache_probe.py)."""
+output corrupted while blocks are recycled (helpers/output_cache_probe.py); no fresh pages
+per call where malloc would give them (helpers/page_fault_probe.py)."""
 
 import json
 import os
@@ -9,16 +10,21 @@ import sys
 
 import pytest
 
-PROBE = os.path.join(os.path.dirname(__file__), "helpers", "output_cache_probe.py")
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
+PROBE = os.path.join(HELPERS, "output_cache_probe.py")
+FAULT_PROBE = os.path.join(HELPERS, "page_fault_probe.py")
+# The 25 MB output is 6272 pages of 4 KiB.
+OUTPUT_PAGES = 32 * 56 * 56 * 64 * 4 // 4096
 
 
-def run_probe(onednn, cache_bytes=None):
+def run_probe(onednn, cache_bytes=None, probe=PROBE, env_extra=None):
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn)
     env.pop("TFBN_OUTPUT_CACHE_BYTES", None)
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     if cache_bytes is not None:
         env["TFBN_OUTPUT_CACHE_BYTES"] = str(cache_bytes)
-    out = subprocess.run([sys.executable, PROBE], check=True, env=env, capture_output=True,
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, probe], check=True, env=env, capture_output=True,
                          text=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -44,3 +50,17 @@ def test_recycled_outputs_stay_intact(results, setting):
 def test_same_bits_with_and_without_the_cache(results):
     digests = {name: r["digest"] for name, r in results.items()}
     assert len(set(digests.values())) == 1, digests
+
+
+def fault_probe(cache_bytes=None):
+    return run_probe("0", cache_bytes, probe=FAULT_PROBE,
+                     env_extra={"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})["faults_per_call"]
+
+
+def test_without_the_cache_malloc_gives_fresh_pages():
+    """The probe's setting does provoke them: the check below can fail."""
+    assert fault_probe(cache_bytes=0) > OUTPUT_PAGES / 10
+
+
+def test_with_the_cache_no_fresh_pages_per_call():
+    assert fault_probe() < OUTPUT_PAGES / 100

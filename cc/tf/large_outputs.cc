@@ -22,8 +22,8 @@ constexpr size_t kAlignment = 64;  // TensorFlow's EIGEN_MAX_ALIGN_BYTES on x86-
 // How many bytes of freed blocks the cache may hold: TFBN_OUTPUT_CACHE_BYTES if set (0
 // turns the cache off), else an eighth of the machine's memory, at most 2 GiB.
 size_t CacheLimit() {
-  if (const char* env = std::getenv("TFBN_OUTPUT_CACHE_BYTES"))
-    return static_cast<size_t>(std::strtoull(env, nullptr, 10));
+  const char* env = std::getenv("TFBN_OUTPUT_CACHE_BYTES");
+  if (env != nullptr && *env != '\0') return static_cast<size_t>(std::strtoull(env, nullptr, 10));
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   const size_t memory = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : 0;
   return std::min(memory / 8, size_t{2} << 30);
