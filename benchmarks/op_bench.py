@@ -62,6 +62,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 # dy twice (gradient sums, then dx) and writing dx; inference reads x and writes y.
 TRAFFIC = {"train_fwd": 3, "train_bwd": 8, "infer": 2}
 
+# Timing: ROUNDS rounds (fewer once a case's budget has passed), each making per contender
+# one untimed call and BLOCK timed ones back to back (timing.round_robin); a contender's
+# time is the median over the rounds of its per-round medians.
+ROUNDS = 5
+BLOCK = 4
+
 
 def fits_llc(mode, nbytes, llc):
     """Whether the bytes the case touches fit the last-level cache, taken as its least
@@ -186,7 +192,7 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
         timed["tfbn_in_graph"] = in_graph
     llc = llc_bytes()
     yardsticks = {**dram_copiers(nbytes, llc), **cache_copiers(llc)}
-    samples, copies = round_robin(timed, reps, min_reps, budget_s,
+    samples, copies = round_robin(timed, reps, min_reps, budget_s, block=BLOCK,
                                   floor={k: fn for k, (fn, _) in yardsticks.items()})
     reps_done = len(next(iter(copies.values())))
     copy_gbps = {k: yardsticks[k][1] / (median_ms(v) * 1e-3) / 1e9 for k, v in copies.items()}
@@ -213,7 +219,7 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
         results["tfbn_layer"]["speedup"] = results["keras"]["ms"] / results["tfbn_layer"]["ms"]
     record = {
         "shape": list(case.shape), "axis": case.axis, "layout": case.layout, "dtype": dtype,
-        "mode": mode, "nbytes": nbytes, "reps": reps_done,
+        "mode": mode, "nbytes": nbytes, "reps": reps_done, "block": BLOCK,
         # floor_gbps / floor_ms: the DRAM floor under its first names, for older readers
         "floor_gbps": dram_gbps, "floor_ms": floor_ms, "copy_gbps": copy_gbps,
         "dram_gbps": dram_gbps, "cache_gbps": cache_gbps,
@@ -233,13 +239,16 @@ def run_case(case, dtype, mode, inputs, reps, min_reps, budget_s, with_memory):
     return record
 
 
-def run(quick=False, reps=20, min_reps=5, budget_s=15.0, dtypes=DTYPES, log=sys.stderr):
+def run(quick=False, reps=ROUNDS, min_reps=3, budget_s=15.0, dtypes=DTYPES, log=sys.stderr):
     """All cases; returns the list of records. Progress goes to `log`, one line a case."""
     shapes = QUICK_SHAPES if quick else SHAPES
     with_memory = memory_stats_available()
     records = []
-    for dtype in dtypes:
-        for case in shapes:
+    # Shape by shape, each in every dtype: a shape's float32 and half-precision cases run
+    # within a minute of each other, so that their ratio is not one of a busier and a
+    # quieter hour of a shared machine.
+    for case in shapes:
+        for dtype in dtypes:
             inputs = make_inputs(case, dtype)
             for mode in TRAFFIC:
                 t0 = time.perf_counter()

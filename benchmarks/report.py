@@ -64,8 +64,10 @@ def op_table(records):
             head += f" {'core  tf/core':>14s} |"
     for (dtype, mode), recs in _groups(records).items():
         reps = sorted({r["reps"] for r in recs})
-        lines += ["", f"{dtype} - {MODE_TITLES[mode]} - median ms of {'/'.join(map(str, reps))} "
-                      "runs, % of the DRAM floor (tfbn: and of the cache floor), speedup of tfbn "
+        block = sorted({r.get("block", 1) for r in recs})
+        lines += ["", f"{dtype} - {MODE_TITLES[mode]} - median ms over "
+                      f"{'/'.join(map(str, reps))} rounds of {'/'.join(map(str, block))} "
+                      "back-to-back runs, % of the DRAM floor (tfbn: and of the cache floor), speedup of tfbn "
                       "(tfbn_layer: vs keras)",
                   "  DRAM, cache: the yardsticks' GB/s; LLC: y where the least traffic fits the "
                   "last-level cache; core: tfbn_core ms (pybind11), tf/core: tfbn / tfbn_core",

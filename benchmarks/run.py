@@ -34,9 +34,11 @@ def _args():
                    help="a few shapes, float32 only, few repetitions (under a minute)")
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                    help="run only these parts")
-    p.add_argument("--reps", type=int, help="timed runs per case (default 20, quick 5)")
+    p.add_argument("--reps", type=int,
+                   help="timed rounds per case (op benchmark: default 5, quick 3, each a block "
+                        "of back-to-back calls; the other parts: default 20, quick 5)")
     p.add_argument("--budget", type=float, default=15.0,
-                   help="seconds per case after which repetitions stop (at least 5 are done)")
+                   help="seconds per case after which rounds stop (at least 3 or 5 are done)")
     p.add_argument("--dtypes", nargs="+", help="op benchmark dtypes (default all; quick float32)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     return p.parse_args()
@@ -92,10 +94,11 @@ def main():
 
     if "op" in args.only:
         dtypes = args.dtypes or (["float32"] if args.quick else list(op_bench.DTYPES))
-        reps = args.reps or (5 if args.quick else 20)
-        print(f"op benchmark: {reps} timed runs per case (fewer after {args.budget:.0f} s, "
-              "at least 5)", flush=True)
-        records = op_bench.run(quick=args.quick, reps=reps, min_reps=min(5, reps),
+        reps = args.reps or (3 if args.quick else op_bench.ROUNDS)
+        print(f"op benchmark: {reps} rounds of {op_bench.BLOCK} back-to-back timed calls per "
+              f"contender and case (fewer rounds after {args.budget:.0f} s, at least "
+              f"{min(3, reps)})", flush=True)
+        records = op_bench.run(quick=args.quick, reps=reps, min_reps=min(3, reps),
                                budget_s=args.budget, dtypes=dtypes)
         print(report.op_table(records))
         print(report.memory_table(records))

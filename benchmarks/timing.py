@@ -104,15 +104,21 @@ def cache_copiers(llc=None, copies=CACHE_COPIES):
     return {"cache 1 thread": (one_thread, moved), "cache all cores": (all_cores, moved)}
 
 
-def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
-    """Times each callable `reps` times, interleaved, so that a noisy machine's slow
+def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None, block=1):
+    """Times each callable over `reps` rounds, interleaved, so that a noisy machine's slow
     moments spread over all of them instead of landing on one.
 
-    The starting callable rotates each round. Stops early (after at least min_reps
-    rounds) once budget_s has passed. `floor` ({name: callable}, the bandwidth yardstick)
-    ends each round: a short pause, so that TensorFlow's idle worker threads stop spinning
-    on the cores, then per floor callable one untimed and one timed call.
-    Returns ({name: [seconds, ...]}, {floor name: [seconds, ...]}).
+    The starting callable rotates each round. With block=1 a round makes one timed call of
+    each callable, right after whatever the previous one left in the caches. With block > 1
+    a round makes, per callable, one untimed call and then `block` timed calls back to
+    back, and keeps their median: each callable is timed warm, on its own inputs and
+    outputs as a training loop calling it again would leave them, not on the cache state
+    another contender happened to leave (which differs from one contender to the next).
+    Stops early (after at least min_reps rounds) once budget_s has passed. `floor`
+    ({name: callable}, the bandwidth yardstick) ends each round: a short pause, so that
+    TensorFlow's idle worker threads stop spinning on the cores, then per floor callable
+    one untimed and one timed call.
+    Returns ({name: [seconds per round, ...]}, {floor name: [seconds, ...]}).
     """
     names = list(callables)
     floor = floor or {}
@@ -124,10 +130,16 @@ def round_robin(callables, reps, min_reps, budget_s, warmup=2, floor=None):
     start = time.perf_counter()
     for r in range(reps):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            out = callables[name]()
-            samples[name].append(time.perf_counter() - t0)
-            del out
+            fn = callables[name]
+            if block > 1:
+                fn()  # untimed: brings its inputs and outputs back into the caches
+            times = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+                del out
+            samples[name].append(statistics.median(times))
         if floor:
             time.sleep(0.02)
         for name, copy in floor.items():
