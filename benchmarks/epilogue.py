@@ -7,7 +7,8 @@ caller, so no op may write into them); train_live first makes them inside the fu
 may reuse their buffers. Its times include those three multiplies, timed alone as
 "producers".
 
-Contenders, every one a tf.function on the same inputs, timed interleaved in this process:
+Contenders, every one a tf.function on the same inputs, timed in this process in rounds
+that take each in turn warm (one untimed call, then BLOCK timed calls back to back):
   fused      tfbn.batch_norm(x, scale, offset, residual=shortcut, activation="relu")
   tfbn+tf    tfbn.batch_norm(x, scale, offset), then tf.add and tf.nn.relu
   fbv3+tf    tf.raw_ops.FusedBatchNormV3 (oneDNN), then tf.add and tf.nn.relu
@@ -163,8 +164,15 @@ def make_inputs(shape, seed=0):
     return tuple(tf.constant(t) for t in (x, scale, offset, shortcut, mean, variance)) + (dy,)
 
 
+# Timing as in the op benchmark (timing.round_robin): ROUNDS rounds, each making per
+# contender one untimed call and BLOCK timed ones back to back; the median over the rounds
+# of the per-round medians.
+ROUNDS = 5
+BLOCK = 4
+
+
 def run(quick=False, reps=None, budget_s=15.0, log=sys.stderr):
-    reps = reps or (5 if quick else 20)
+    reps = reps or (3 if quick else ROUNDS)
     with_memory = memory_stats_available()
     records = []
     for shape in QUICK_SHAPES if quick else SHAPES:
@@ -180,7 +188,7 @@ def run(quick=False, reps=None, budget_s=15.0, log=sys.stderr):
             if mode == "train_live":
                 fns["producers"] = build("producers", mode, inputs)[0]
             del want
-            samples, _ = round_robin(fns, reps, min(5, reps), budget_s)
+            samples, _ = round_robin(fns, reps, min(3, reps), budget_s, block=BLOCK)
             res = {}
             for name in CONTENDERS:
                 res[name] = {"ms": median_ms(samples[name]),
@@ -201,6 +209,7 @@ def run(quick=False, reps=None, budget_s=15.0, log=sys.stderr):
                         (res[name]["ms"] - prod) / (res["fused"]["ms"] - prod))
             records.append({"shape": list(shape), "layout": "NHWC", "dtype": "float32",
                             "mode": mode, "nbytes": nbytes, "reps": len(samples["fused"]),
+                            "block": BLOCK,
                             "results": res})
             summary = "  ".join(f"{n}={res[n]['ms']:.2f}" for n in CONTENDERS)
             print(f"  {str(shape):20s} {mode:14s} {summary}  ({time.perf_counter() - t0:.0f}s)",

@@ -67,8 +67,8 @@ def op_table(records):
         block = sorted({r.get("block", 1) for r in recs})
         lines += ["", f"{dtype} - {MODE_TITLES[mode]} - median ms over "
                       f"{'/'.join(map(str, reps))} rounds of {'/'.join(map(str, block))} "
-                      "back-to-back runs, % of the DRAM floor (tfbn: and of the cache floor), speedup of tfbn "
-                      "(tfbn_layer: vs keras)",
+                      "back-to-back runs, % of the DRAM floor (tfbn: and of the cache floor), "
+                      "speedup of tfbn (tfbn_layer: vs keras)",
                   "  DRAM, cache: the yardsticks' GB/s; LLC: y where the least traffic fits the "
                   "last-level cache; core: tfbn_core ms (pybind11), tf/core: tfbn / tfbn_core",
                   head]

@@ -34,6 +34,7 @@ size_t CacheLimit() {
 // CacheLimit() bytes; beyond that they go back to malloc.
 class ReusingAllocator final : public tensorflow::Allocator {
  public:
+  explicit ReusingAllocator(size_t limit) : limit_(limit) {}
   std::string Name() override { return "tfbn_reusing_cpu"; }
 
   void* AllocateRaw(size_t alignment, size_t bytes) override {
@@ -73,15 +74,19 @@ class ReusingAllocator final : public tensorflow::Allocator {
  private:
   static size_t RoundUp(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
-  const size_t limit_ = CacheLimit();
+  const size_t limit_;
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;  // size -> freed blocks
   std::unordered_map<void*, size_t> sizes_;              // every block held: its size
   size_t free_bytes_ = 0;
 };
 
+// The process's cache, or nullptr where its limit is 0 (turned off).
 ReusingAllocator* Reusing() {
-  static ReusingAllocator* allocator = new ReusingAllocator;  // tensors may outlive exit
+  static ReusingAllocator* const allocator = [] {
+    const size_t limit = CacheLimit();
+    return limit > 0 ? new ReusingAllocator(limit) : nullptr;  // tensors may outlive exit
+  }();
   return allocator;
 }
 
@@ -101,10 +106,10 @@ absl::Status ForwardOrAllocateLarge(tensorflow::OpKernelContext* ctx,
     if (ctx->forward_input_to_output_with_shape(input, index, shape, out)) return absl::OkStatus();
   const tensorflow::DataType dtype = ctx->expected_output_dtype(index);
   const size_t bytes = static_cast<size_t>(shape.num_elements()) * tensorflow::DataTypeSize(dtype);
-  static const bool enabled = CacheLimit() > 0;
-  if (!enabled || bytes < kReuseMinBytes || !PlainCpuAllocator(ctx, index))
+  ReusingAllocator* const reusing = Reusing();
+  if (reusing == nullptr || bytes < kReuseMinBytes || !PlainCpuAllocator(ctx, index))
     return ctx->allocate_output(index, shape, out);
-  tensorflow::Tensor tensor(Reusing(), dtype, shape);
+  tensorflow::Tensor tensor(reusing, dtype, shape);
   if (!tensor.IsInitialized())
     return absl::ResourceExhaustedError("tfbn: could not allocate " + std::to_string(bytes) +
                                         " bytes for output " + std::to_string(index));
