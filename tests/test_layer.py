@@ -79,7 +79,10 @@ def small_model(bn_class, seed=3):
         keras.layers.Conv2D(8, 3, padding="same"),
         bn_class(),
         keras.layers.ReLU(),
-        keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first"),
+        # NCHW for the axis=1 layer by a transpose, not a channels_first Conv2D, which
+        # TensorFlow runs on CPU only through oneDNN (TF_ENABLE_ONEDNN_OPTS=0 has none).
+        keras.layers.Conv2D(4, 3, padding="same"),
+        keras.layers.Permute((3, 1, 2)),
         bn_class(axis=1),
         keras.layers.GlobalAveragePooling2D(),
         keras.layers.Dense(3),
