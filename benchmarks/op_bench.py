@@ -45,11 +45,11 @@ from timing import (
 Case = collections.namedtuple("Case", "shape axis layout")
 Inputs = collections.namedtuple("Inputs", "x scale offset mean variance dy")
 
-_RESNET50 = [(32, 112, 112, 64), (32, 56, 56, 64), (32, 56, 56, 256), (32, 28, 28, 512),
+RESNET50 = [(32, 112, 112, 64), (32, 56, 56, 64), (32, 56, 56, 256), (32, 28, 28, 512),
              (32, 14, 14, 1024), (32, 7, 7, 2048)]
 SHAPES = (
-    [Case(s, -1, "NHWC") for s in _RESNET50]
-    + [Case((n, c, h, w), 1, "NCHW") for n, h, w, c in _RESNET50]
+    [Case(s, -1, "NHWC") for s in RESNET50]
+    + [Case((n, c, h, w), 1, "NCHW") for n, h, w, c in RESNET50]
     + [Case((8, 16, 32, 32, 64), -1, "NDHWC"), Case((256, 1024), -1, "NC"),
        Case((4096, 1024), -1, "NC")]
 )

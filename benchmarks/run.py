@@ -7,6 +7,8 @@ benchmarks/results/{op_bench,overhead,e2e_digits,renorm_mask,epilogue}[-quick].j
 speedup[-quick].png and floors[-quick].png (each contender against the DRAM and cache floors);
 then the distributed benchmark (distributed.py) in a process of its own (it needs logical
 devices set up before TensorFlow starts).
+Part "pairs" (side_by_side.py: tfbn's NHWC and NCHW in float32, bfloat16 and float16 timed
+in the same rounds, for the half-precision and layout ratios) writes side_by_side[-quick].json.
 Part "onednn" (onednn.py, tfbn with TF_ENABLE_ONEDNN_OPTS=0 and =1, each setting in child
 processes) writes onednn[-quick].json.
 Part "resnet" (e2e_resnet.py, ResNet-50 with Keras BN vs tfbn.convert) writes
@@ -25,7 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("op", "overhead", "onednn", "e2e", "resnet", "renorm_mask", "epilogue", "distributed")
+PARTS = ("op", "pairs", "overhead", "onednn", "e2e", "resnet", "renorm_mask", "epilogue",
+         "distributed")
 
 
 def _args():
@@ -105,6 +108,13 @@ def main():
         report.write_json(out("op_bench") + ".json", meta, {"records": records})
         report.speedup_chart(records, out("speedup") + ".png")
         report.floors_chart(records, out("floors") + ".png")
+    if "pairs" in args.only:
+        import side_by_side
+
+        print("\ntfbn side by side: dtypes and layouts in the same rounds ...", flush=True)
+        res = side_by_side.run(quick=args.quick)
+        print(side_by_side.table(res))
+        report.write_json(out("side_by_side") + ".json", meta, res)
     if "overhead" in args.only:
         import overhead
 

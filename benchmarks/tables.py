@@ -158,6 +158,38 @@ def half_precision():
     return table(head, rows) + source(data, "op_bench.json")
 
 
+def side_by_side():
+    if not os.path.exists(os.path.join(RESULTS, "side_by_side.json")):
+        return ("\n_No `benchmarks/results/side_by_side.json` yet: the next full `make bench` "
+                "writes it._\n")
+    data = load("side_by_side.json")
+    rows = []
+    for r in data["records"]:
+        h, x = r["half_speedup"], r["nchw_over_nhwc"]
+        rows.append([str(tuple(r["shape_nhwc"])), MODE_NAMES[r["mode"]],
+                     f"{r['ms']['NHWC float32']:.1f} ms",
+                     f"{h['NHWC']['bfloat16']:.2f}x / {h['NHWC']['float16']:.2f}x",
+                     f"{h['NCHW']['bfloat16']:.2f}x / {h['NCHW']['float16']:.2f}x",
+                     " / ".join(f"{x[d]:.2f}x" for d in ("float32", "bfloat16", "float16"))])
+    head = ["shape (NHWC)", "mode", "NHWC float32", "float32 / half, NHWC: bf16 / fp16",
+            "float32 / half, NCHW: bf16 / fp16", "NCHW / NHWC: fp32 / bf16 / fp16"]
+    lines = []
+    for dtype in ("bfloat16", "float16"):
+        v = [r["half_speedup"][lay][dtype] for r in data["records"] for lay in ("NHWC", "NCHW")]
+        lines.append(f"float32 / {dtype}: median {statistics.median(v):.2f}x, {min(v):.2f}x to "
+                     f"{max(v):.2f}x, at least 1.6x in {sum(a >= 1.6 for a in v)} of {len(v)}")
+    for dtype in ("float32", "bfloat16", "float16"):
+        v = [r["nchw_over_nhwc"][dtype] for r in data["records"]]
+        lines.append(f"NCHW / NHWC {dtype}: median {statistics.median(v):.2f}x, {min(v):.2f}x "
+                     f"to {max(v):.2f}x, within 10% in {sum(abs(a - 1) <= 0.1 for a in v)} "
+                     f"of {len(v)}")
+    return (table(head, rows)
+            + f"\nMedians over {data['rounds']} rounds of ratios taken within a round; each "
+              f"time the median of {data['block']} back-to-back calls. "
+            + "; ".join(lines) + ".\n"
+            + source(data, "side_by_side.json"))
+
+
 def memory():
     data, recs = op_records(mode="train_bwd")
     rows = []
@@ -442,7 +474,8 @@ def readme_status():
 
 TABLES = {
     "op-float32-train": op_float32_train, "op-summary": op_summary,
-    "half-precision": half_precision, "memory": memory, "overhead": overhead, "e2e": e2e,
+    "half-precision": half_precision, "side-by-side": side_by_side, "memory": memory,
+    "overhead": overhead, "e2e": e2e,
     "onednn": onednn,
     "renorm-mask": renorm_mask, "epilogue": epilogue, "distributed": distributed,
     "gpu": gpu, "gpu-paths": gpu_paths, "gpu-nvrtc": gpu_nvrtc,
