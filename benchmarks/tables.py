@@ -158,10 +158,14 @@ def half_precision():
     return table(head, rows) + source(data, "op_bench.json")
 
 
+def not_yet(name):
+    """What a table says where its results file has not been written yet."""
+    return f"\n_No `benchmarks/results/{name}` yet: the next full `make bench` writes it._\n"
+
+
 def side_by_side():
     if not os.path.exists(os.path.join(RESULTS, "side_by_side.json")):
-        return ("\n_No `benchmarks/results/side_by_side.json` yet: the next full `make bench` "
-                "writes it._\n")
+        return not_yet("side_by_side.json")
     data = load("side_by_side.json")
     rows = []
     for r in data["records"]:
@@ -233,8 +237,7 @@ def settled(data):
 
 def onednn():
     if not os.path.exists(os.path.join(RESULTS, "onednn.json")):
-        return ("\n_No `benchmarks/results/onednn.json` yet: the next full `make bench` "
-                "writes it._\n")
+        return not_yet("onednn.json")
     data = load("onednn.json")
     rows = []
     for rec in data["records"]:
