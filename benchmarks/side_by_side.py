@@ -79,21 +79,23 @@ def run(quick=False, rounds=None, budget_s=30.0, log=sys.stderr):
                   f"{h['NCHW']['float16']:.2f}; NCHW/NHWC "
                   + " ".join(f"{d} {x[d]:.2f}" for d in DTYPES)
                   + f"  ({time.perf_counter() - t0:.0f}s)", file=log, flush=True)
-    return {"records": records, "rounds": rounds, "block": BLOCK}
+    return {"records": records, "rounds": rounds, "block": BLOCK, "summary": summary(records)}
 
 
-def summary(res):
-    """{name: (median, lowest, highest, how many meet the goal, of how many)}."""
-    recs = res["records"]
+def summary(records):
+    """{name: {median, lowest, highest, goal, meeting, of}} over the records: float32 / half
+    (goal: at least 1.6x) and NCHW / NHWC (goal: within 10%)."""
+    def entry(v, goal, meets):
+        return {"median": statistics.median(v), "lowest": min(v), "highest": max(v),
+                "goal": goal, "meeting": sum(map(meets, v)), "of": len(v)}
+
     out = {}
     for dtype in HALVES:
-        v = [r["half_speedup"][layout][dtype] for r in recs for layout in LAYOUTS]
-        out[f"float32 / {dtype}"] = (statistics.median(v), min(v), max(v),
-                                     sum(x >= 1.6 for x in v), len(v))
+        v = [r["half_speedup"][layout][dtype] for r in records for layout in LAYOUTS]
+        out[f"float32 / {dtype}"] = entry(v, "at least 1.6x", lambda x: x >= 1.6)
     for dtype in DTYPES:
-        v = [r["nchw_over_nhwc"][dtype] for r in recs]
-        out[f"NCHW / NHWC {dtype}"] = (statistics.median(v), min(v), max(v),
-                                       sum(abs(x - 1) <= 0.1 for x in v), len(v))
+        v = [r["nchw_over_nhwc"][dtype] for r in records]
+        out[f"NCHW / NHWC {dtype}"] = entry(v, "within 10%", lambda x: abs(x - 1) <= 0.1)
     return out
 
 
@@ -109,9 +111,9 @@ def table(res):
                      f"{h['NHWC']['bfloat16']:.2f} {h['NHWC']['float16']:.2f}, "
                      f"{h['NCHW']['bfloat16']:.2f} {h['NCHW']['float16']:.2f} | "
                      + " ".join(f"{x[d]:.2f}" for d in DTYPES))
-    for name, (med, lo, hi, ok, n) in summary(res).items():
-        goal = ">= 1.6x" if name.startswith("float32") else "within 10%"
-        lines.append(f"  {name}: median {med:.2f}x ({lo:.2f}x to {hi:.2f}x), {goal}: {ok} of {n}")
+    for name, e in res["summary"].items():
+        lines.append(f"  {name}: median {e['median']:.2f}x ({e['lowest']:.2f}x to "
+                     f"{e['highest']:.2f}x), {e['goal']}: {e['meeting']} of {e['of']}")
     return "\n".join(lines)
 
 

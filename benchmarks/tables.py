@@ -177,16 +177,8 @@ def side_by_side():
                      " / ".join(f"{x[d]:.2f}x" for d in ("float32", "bfloat16", "float16"))])
     head = ["shape (NHWC)", "mode", "NHWC float32", "float32 / half, NHWC: bf16 / fp16",
             "float32 / half, NCHW: bf16 / fp16", "NCHW / NHWC: fp32 / bf16 / fp16"]
-    lines = []
-    for dtype in ("bfloat16", "float16"):
-        v = [r["half_speedup"][lay][dtype] for r in data["records"] for lay in ("NHWC", "NCHW")]
-        lines.append(f"float32 / {dtype}: median {statistics.median(v):.2f}x, {min(v):.2f}x to "
-                     f"{max(v):.2f}x, at least 1.6x in {sum(a >= 1.6 for a in v)} of {len(v)}")
-    for dtype in ("float32", "bfloat16", "float16"):
-        v = [r["nchw_over_nhwc"][dtype] for r in data["records"]]
-        lines.append(f"NCHW / NHWC {dtype}: median {statistics.median(v):.2f}x, {min(v):.2f}x "
-                     f"to {max(v):.2f}x, within 10% in {sum(abs(a - 1) <= 0.1 for a in v)} "
-                     f"of {len(v)}")
+    lines = [f"{name}: median {e['median']:.2f}x, {e['lowest']:.2f}x to {e['highest']:.2f}x, "
+             f"{e['goal']} in {e['meeting']} of {e['of']}" for name, e in data["summary"].items()]
     return (table(head, rows)
             + f"\nMedians over {data['rounds']} rounds of ratios taken within a round; each "
               f"time the median of {data['block']} back-to-back calls. "
