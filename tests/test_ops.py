@@ -208,6 +208,20 @@ def test_single_element_per_channel_has_zero_variance():
     np.testing.assert_array_equal(y, np.zeros((1, 3)))
 
 
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((2, 7, 7, 3), -1), ((2, 3, 7, 7), 1)])
+def test_negative_zero_offset_keeps_its_sign(shape, axis, dtype_name):
+    """Constant channels, scale -1, offset -0.0: y = 0 * -r + (-0.0) = -0.0 in float64, in
+    every element and both layouts (the planar walk used to broadcast its parameters as
+    0.0 + p, which turned a -0.0 offset into +0.0 for the elements of whole lane vectors)."""
+    x = np.full(shape, 1.5, NP_DTYPES[dtype_name])
+    c = shape[axis]
+    p = param_np(dtype_name)
+    y, _, _ = tfbn.batch_norm(x, np.full(c, -1.0, p), np.full(c, -0.0, p), axis=axis)
+    y = np.asarray(y, np.float64)
+    assert (y == 0).all() and np.signbit(y).all(), f"+0.0 at {np.argwhere(~np.signbit(y))[:4]}"
+
+
 def test_over_outer_and_inner_blocking_boundaries(rng):
     """Shapes that cut the reduction into many blocks and runs (inner > run length)."""
     for shape, axis in [((3, 2, 70000), 1), ((1, 3, 100003), 1), ((70001, 2), -1)]:
