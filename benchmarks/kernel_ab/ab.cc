@@ -5,13 +5,15 @@
 // (above 1: the new kernels are faster), and "BITS DIFFER" where the two builds' outputs
 // are not the same bits. Built and run by ab.sh; see benchmarks/README.md.
 //
-// Usage: ab ELEMENTS DTYPES THREADS OPS C... (environment: INNER, REPS)
+// Usage: ab ELEMENTS DTYPES THREADS OPS C... (environment: INNER, REPS, STREAM)
 //   ELEMENTS  elements per tensor; DTYPES any of f (float32), b (bfloat16), h (float16);
 //   OPS       one letter per kernel, timed in that order (the first one also warms up):
 //             m moments_rows, g grad_sums_rows, e epilogue_sums_rows (relu, dz out),
 //             a affine (channels-last), d grad (channels-last), w weighted_moments_rows,
 //             M moments_planar, G grad_sums_planar, p affine (planar), q grad (planar);
-//   C...      channel counts; INNER = elements per plane for the planar kernels (1).
+//   C...      channel counts; INNER = elements per plane for the planar kernels (1);
+//             STREAM=0: outputs with plain stores (1: non-temporal, as the driver does
+//             for outputs of 4 MiB and more).
 // The work is cut into tasks as the driver (batch_norm_cpu.cc) cuts it, and THREADS
 // threads take equal runs of them.
 #include <algorithm>
@@ -37,6 +39,7 @@ using namespace tfbn;
 int g_threads = 1;
 int g_reps = 11;
 int64_t g_inner = 1;
+bool g_stream = true;
 
 // Runs task(i) for i in [0, n), THREADS threads each taking an equal run of tasks.
 template <class Task>
@@ -153,7 +156,7 @@ void Run(const char* name, const CpuKernels<T, float>& base, const CpuKernels<T,
           case 'e':
             by_rows([&](int64_t r0, int64_t r1, int64_t q) {
               k.epilogue_sums_rows[1](dy, x, x, C, r0, r1, hi.data(), lo.data(), a.data(), b.data(),
-                                      s1(q), s2(q), y, true);
+                                      s1(q), s2(q), y, g_stream);
             });
             break;
           case 'w':
@@ -165,14 +168,14 @@ void Run(const char* name, const CpuKernels<T, float>& base, const CpuKernels<T,
           case 'p':
             flat([&](int64_t e0, int64_t e1) {
               k.affine(x, y, C, op == 'a' ? 1 : inner, e0, e1, hi.data(), lo.data(), a.data(),
-                       b.data(), true);
+                       b.data(), g_stream);
             });
             break;
           case 'd':
           case 'q':
             flat([&](int64_t e0, int64_t e1) {
               k.grad(dy, x, y, C, op == 'd' ? 1 : inner, e0, e1, hi.data(), lo.data(), ga.data(),
-                     gb.data(), gc.data(), true);
+                     gb.data(), gc.data(), g_stream);
             });
             break;
           case 'M':
@@ -244,6 +247,7 @@ int main(int argc, char** argv) {
   const std::string ops = argv[4];
   if (const char* v = std::getenv("INNER")) g_inner = std::atoll(v);
   if (const char* v = std::getenv("REPS")) g_reps = std::atoi(v);
+  if (const char* v = std::getenv("STREAM")) g_stream = std::atoi(v) != 0;
   std::vector<int64_t> channels;
   for (int i = 5; i < argc; ++i) channels.push_back(std::atoll(argv[i]));
   if (dtypes.find('f') != std::string::npos)
