@@ -13,7 +13,7 @@ namespace cuda {
 template <class Op>
 constexpr int kUnroll = UnrollFor(Op::kInputs);
 template <class Op>
-constexpr int kReduceUnroll = ReduceUnrollFor(Op::kInputs);
+constexpr int kReduceUnroll = ReduceUnrollFor(Op::kInputs, sizeof(typename Op::T));
 
 // ---- element types ----
 

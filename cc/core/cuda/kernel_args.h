@@ -19,9 +19,14 @@ constexpr int kFlush = 32;     // elements summed in U before adding into double
 // Loads in flight per thread and input: fewer for two inputs, to keep registers (and so
 // resident warps) in check; the bytes in flight per thread stay the same.
 constexpr TFBN_HD int UnrollFor(int inputs) { return inputs >= 2 ? 2 : 4; }
-// The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise).
-// The unroll only groups loads: the order in which elements are summed does not depend on it.
-constexpr TFBN_HD int ReduceUnrollFor(int inputs) { return 2 * UnrollFor(inputs); }
+// The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise),
+// except with three 16-bit inputs: a thread's 8 channels' constants (4 per channel for the
+// epilogue) and sums leave no room under the 128-register cap for 4 rows of 3 loads, and
+// that kernel spilled 400 bytes per thread (ptxas, sm_90). The unroll only groups loads:
+// the order in which elements are summed does not depend on it.
+constexpr TFBN_HD int ReduceUnrollFor(int inputs, int element_bytes) {
+  return inputs == 3 && element_bytes == 2 ? UnrollFor(inputs) : 2 * UnrollFor(inputs);
+}
 constexpr int kReduceMinBlocks = 2;      // per SM: caps registers at 128
 constexpr int kApplyMinBlocks = 3;       // per SM: caps registers at 80
 constexpr int kApplyRowsMinBlocks = 2;   // keeps 4 x kVec coefficients per thread in registers

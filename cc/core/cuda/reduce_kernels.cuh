@@ -112,14 +112,16 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
   const int64_t tile = blockIdx.x % tiles, b = blockIdx.x / tiles;
   const int64_t c0 = (tile * TX + tx) * V;
   const int64_t r_end = Split(b + 1, nb, rows);
-  // Shared memory [2][TY][V][TX]: conflict-free across tx.
+  // Shared memory [2][V][TY][TX] (TX * TY == kThreads, the launch plan's): lane l's slot is
+  // l * kThreads past the thread's first, a constant offset from one address (an address
+  // per lane, live across the loop, cost 2 * V registers); conflict-free across tx.
   extern __shared__ double smem[];
-  double* sm1 = smem;
-  double* sm2 = smem + TY * V * TX;
+  double* const sm1 = smem + ty * TX + tx;
+  double* const sm2 = sm1 + V * kThreads;
 #pragma unroll
   for (int l = 0; l < V; ++l) {
-    sm1[(ty * V + l) * TX + tx] = 0.0;
-    sm2[(ty * V + l) * TX + tx] = 0.0;
+    sm1[l * kThreads] = 0.0;
+    sm2[l * kThreads] = 0.0;
   }
   if (c0 < C) {
     using K = decltype(op.CenterOf(c0));
@@ -154,10 +156,14 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
           }
         r += int64_t{kU} * TY;
       }
+      // volatile: with constant offsets the compiler would otherwise keep the 2 * V double
+      // sums in registers across the loop (2 * V * 2 registers), and spill.
+      volatile double* v1 = sm1;
+      volatile double* v2 = sm2;
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        sm1[(ty * V + l) * TX + tx] += static_cast<double>(a1[l]);
-        sm2[(ty * V + l) * TX + tx] += static_cast<double>(a2[l]);
+        v1[l * kThreads] = v1[l * kThreads] + static_cast<double>(a1[l]);
+        v2[l * kThreads] = v2[l * kThreads] + static_cast<double>(a2[l]);
       }
     }
   }
@@ -166,8 +172,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
     if (ty < s) {
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        sm1[(ty * V + l) * TX + tx] += sm1[((ty + s) * V + l) * TX + tx];
-        sm2[(ty * V + l) * TX + tx] += sm2[((ty + s) * V + l) * TX + tx];
+        sm1[l * kThreads] += sm1[l * kThreads + s * TX];
+        sm2[l * kThreads] += sm2[l * kThreads + s * TX];
       }
     }
   }
@@ -175,8 +181,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
 #pragma unroll
     for (int l = 0; l < V; ++l)
       if (c0 + l < C) {
-        partial[2 * b * C + c0 + l] = sm1[l * TX + tx];
-        partial[(2 * b + 1) * C + c0 + l] = sm2[l * TX + tx];
+        partial[2 * b * C + c0 + l] = sm1[l * kThreads];
+        partial[(2 * b + 1) * C + c0 + l] = sm2[l * kThreads];
       }
   }
 }
