@@ -10,15 +10,21 @@ Writes into --out-dir:
   <arch>.cubin / <arch>.ptx   the images
   cuda_images.S               the images, embedded with .incbin (hidden symbols)
   cuda_images.cc              the table core/cuda/images.h declares
+  kernel_resources.tsv        ptxas' registers and spill bytes per kernel and SASS image
 A failed compilation prints NVRTC's log and exits with status 1.
+tests/test_cuda_spills.py uses compile_one and the options of this build.
 """
 
 import argparse
 import concurrent.futures
 import ctypes
 import os
+import re
 import sys
 import time
+
+# ptxas -v: every SASS image reports each kernel's registers and spill bytes in the log.
+VERBOSE_PTXAS = "--ptxas-options=-v"
 
 
 def load_nvrtc(path):
@@ -32,8 +38,32 @@ def check(lib, result, what):
         raise RuntimeError(f"{what}: {lib.nvrtcGetErrorString(result).decode()}")
 
 
+def build_options(includes):
+    """NVRTC options of tfbn's build (all but the architecture)."""
+    return ["-std=c++17", "--fmad=false", "-DNDEBUG"] + [f"-I{d}" for d in includes]
+
+
+def resource_usage(log, lowered):
+    """{name: (registers, spill store bytes, spill load bytes)} from a ptxas -v log."""
+    by_symbol = {symbol: name for name, symbol in lowered.items()}
+    usage, current, spills = {}, None, (0, 0)
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)'", line)
+        if entry:
+            current, spills = by_symbol.get(entry.group(1)), (0, 0)
+            continue
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spill:
+            spills = (int(spill.group(1)), int(spill.group(2)))
+        registers = re.search(r"Used (\d+) registers", line)
+        if registers and current is not None:
+            usage[current] = (int(registers.group(1)),) + spills
+    return usage
+
+
 def compile_one(lib, source, source_name, arch, options, names):
-    """Returns (image bytes, {name: lowered name}, seconds)."""
+    """Returns (image bytes, {name: lowered name}, seconds, {name: resource usage}); the
+    usage is empty unless the options ask ptxas to report it (VERBOSE_PTXAS)."""
     start = time.monotonic()
     prog = ctypes.c_void_p()
     check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source, source_name.encode(), 0,
@@ -64,7 +94,8 @@ def compile_one(lib, source, source_name, arch, options, names):
         data = image.raw[: size.value]
         if ptx:
             data = data.rstrip(b"\0")  # cuModuleLoadData wants PTX text ending in one NUL
-        return data, lowered, time.monotonic() - start
+        usage = resource_usage(log.value.decode(errors="replace"), lowered)
+        return data, lowered, time.monotonic() - start, usage
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -140,19 +171,22 @@ def main():
     with open(args.names) as f:
         names = [line.strip() for line in f if line.strip()]
     archs = [a for a in args.archs.replace(",", ";").split(";") if a]
-    options = ["-std=c++17", "--fmad=false", "-DNDEBUG"] + [f"-I{d}" for d in args.include]
+    options = build_options(args.include)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    images, lowered_by_arch = {}, {}
+    images, lowered_by_arch, usage = {}, {}, {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         jobs = {pool.submit(compile_one, lib, source, os.path.basename(args.source), arch,
-                            options, names): arch for arch in archs}
+                            options + ([] if arch.startswith("compute_") else [VERBOSE_PTXAS]),
+                            names): arch for arch in archs}
         try:
             for job in concurrent.futures.as_completed(jobs):
                 arch = jobs[job]
-                images[arch], lowered_by_arch[arch], seconds = job.result()
+                images[arch], lowered_by_arch[arch], seconds, usage[arch] = job.result()
+                spilling = sum(1 for u in usage[arch].values() if u[1] or u[2])
                 print(f"nvrtc {major.value}.{minor.value}: {arch}, {len(names)} kernels, "
-                      f"{len(images[arch]) / 1e6:.1f} MB, {seconds:.0f} s", flush=True)
+                      f"{len(images[arch]) / 1e6:.1f} MB, {seconds:.0f} s"
+                      + (f", {spilling} of them spill" if usage[arch] else ""), flush=True)
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1
@@ -162,6 +196,12 @@ def main():
             print(f"lowered names differ between {archs[0]} and {arch}", file=sys.stderr)
             return 1
     write_outputs(args.out_dir, archs, images, names, lowered, version)
+    with open(os.path.join(args.out_dir, "kernel_resources.tsv"), "w") as f:
+        f.write("arch\tregisters\tspill_store_bytes\tspill_load_bytes\tkernel\n")
+        for arch in archs:
+            for name in names:
+                if name in usage[arch]:
+                    f.write(f"{arch}\t" + "\t".join(map(str, usage[arch][name])) + f"\t{name}\n")
     return 0
 
 

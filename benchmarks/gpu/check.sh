@@ -3,8 +3,8 @@
 # PyTorch with CUDA, pytest; no nvcc needed): builds a CUDA-only tfbn._core
 # (-DTFBN_TF_OPS=OFF) with the kernels compiled by NVRTC 12.5, runs tests/gpu, then the
 # benchmark. Results go to the folder given as $1, or $OUT, or ./gpu-results: env.txt,
-# build.log, tests.log (+ junit xml), bench.log, bench_gpu.json, sanitizer.log. Exit
-# status: the first failing step's.
+# build.log, kernel_resources.tsv, tests.log (+ junit xml), bench.log, bench_gpu.json,
+# sanitizer.log. Exit status: the first failing step's.
 #   benchmarks/gpu/check.sh [OUT_DIR]          TFBN_BENCH_ARGS=--quick for a short bench
 # NVRTC comes from the wheels in build/nvrtc-wheels (TFBN_NVRTC_WHEELS), fetched there with
 #   pip download --no-deps -d build/nvrtc-wheels $(grep ^nvidia-cuda requirements.txt)
@@ -48,6 +48,7 @@ if ! { ls "$WHEELS"/nvidia_cuda_nvrtc_cu12-*.whl > /dev/null &&
   exit 1
 fi
 echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$OUT_DIR/build.log"
+cp "$BUILD/cuda/kernel_resources.tsv" "$OUT_DIR/" 2> /dev/null  # ptxas registers and spills
 CORE="$(ls "$BUILD"/_core*.so | head -1)"
 export TFBN_CORE_PATH="$CORE"
 
