@@ -40,6 +40,7 @@ struct Driver {
   TFBN_DRIVER_FN(cuCtxPushCurrent)
   TFBN_DRIVER_FN(cuCtxPopCurrent)
   TFBN_DRIVER_FN(cuCtxGetDevice)
+  TFBN_DRIVER_FN(cuCtxGetId)
   TFBN_DRIVER_FN(cuStreamGetCtx)
   TFBN_DRIVER_FN(cuModuleLoadData)
   TFBN_DRIVER_FN(cuModuleGetFunction)
@@ -77,6 +78,7 @@ struct Driver {
     get(cuCtxPushCurrent, "cuCtxPushCurrent_v2");
     get(cuCtxPopCurrent, "cuCtxPopCurrent_v2");
     get(cuCtxGetDevice, "cuCtxGetDevice");
+    get(cuCtxGetId, "cuCtxGetId");
     get(cuStreamGetCtx, "cuStreamGetCtx");
     get(cuModuleLoadData, "cuModuleLoadData");
     get(cuModuleGetFunction, "cuModuleGetFunction");
@@ -148,6 +150,7 @@ Result StreamContext(const Driver* d, Stream stream, CUcontext* context) {
 
 // The images and functions of one context.
 struct Module {
+  unsigned long long context_id = 0;  // cuCtxGetId: unique for the process, unlike the handle
   CUmodule module = nullptr;
   Result status = kSuccess;  // of loading it (kept, so a failure is not retried per launch)
   std::string detail;
@@ -182,7 +185,14 @@ const KernelImage* PickImage(const ImageTable& table, int major, int minor) {
 }
 
 Module& ModuleOf(const Driver* d, CUcontext context) {
+  unsigned long long id = 0;
+  d->cuCtxGetId(context, &id);
   Module& m = Modules()[context];
+  // A destroyed context's handle can come back for a new one (cuDevicePrimaryCtxReset, or
+  // cuCtxDestroy then cuCtxCreate), whose module is not loaded yet: the old one went with
+  // its context.
+  if (m.context_id != id) m = Module{};
+  m.context_id = id;
   if (m.module != nullptr || m.status != kSuccess) return m;
   ContextScope scope(d, context);
   CUdevice device;
