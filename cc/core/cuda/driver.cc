@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "core/cuda/images.h"
 #include "core/cuda/launch.h"
@@ -145,23 +146,46 @@ Result StreamContext(const Driver* d, Stream stream, CUcontext* context) {
       return Fail(CUDA_ERROR_INVALID_CONTEXT, "no CUDA context is current for the default stream");
     return kSuccess;
   }
-  return d->cuStreamGetCtx(static_cast<CUstream>(stream), context);
+  const Result r = d->cuStreamGetCtx(static_cast<CUstream>(stream), context);
+  return r == kSuccess ? r : Fail(r, "cuStreamGetCtx: not a stream of a live context");
 }
 
-// The images and functions of one context.
+// A kernel's index in the embedded table, by name expression (-1: not in this build). The
+// map is built once and only read after that.
+int KernelIndex(const std::string& name) {
+  static const auto* index = [] {
+    auto* map = new std::unordered_map<std::string, int>();
+    const ImageTable& table = EmbeddedImages();
+    for (int i = 0; i < table.kernel_count; ++i) map->emplace(table.names[i], i);
+    return map;
+  }();
+  const auto found = index->find(name);
+  return found == index->end() ? -1 : found->second;
+}
+
+// The kernels of one context: its image, loaded at the first launch in the context with
+// every function resolved at once. Later launches make no driver call but the launch and
+// load nothing: with CUDA's lazy loading, loading a kernel may synchronize the context,
+// and a launch between two split ops could then wait on an all-reduce that waits on
+// another device's next launch.
 struct Module {
-  unsigned long long context_id = 0;  // cuCtxGetId: unique for the process, unlike the handle
-  CUmodule module = nullptr;
-  Result status = kSuccess;  // of loading it (kept, so a failure is not retried per launch)
+  explicit Module(unsigned long long id) : context_id(id) {}
+  const unsigned long long context_id;  // cuCtxGetId: unique in the process, unlike a handle
+  std::once_flag loaded;
+  Result status = kSuccess;  // of loading (kept, so a failure is not retried per launch)
   std::string detail;
-  std::unordered_map<std::string, CUfunction> functions;
-  std::unordered_map<std::string, int64_t> resident;  // "name/threads" -> blocks on the device
   int sms = 0;
+  CUmodule module = nullptr;
+  std::vector<CUfunction> functions;  // by kernel index
+  std::mutex resident_mutex;
+  std::unordered_map<std::string, int64_t> resident;  // "name/threads" -> blocks on the device
 };
 
+// Guards the map only; no driver call is made under it, so one context's loading never
+// holds up a launch in another.
 std::mutex modules_mutex;
-std::map<CUcontext, Module>& Modules() {
-  static auto* modules = new std::map<CUcontext, Module>();
+std::map<CUcontext, Module*>& Modules() {
+  static auto* modules = new std::map<CUcontext, Module*>();
   return *modules;
 }
 
@@ -184,16 +208,7 @@ const KernelImage* PickImage(const ImageTable& table, int major, int minor) {
   return best;
 }
 
-Module& ModuleOf(const Driver* d, CUcontext context) {
-  unsigned long long id = 0;
-  d->cuCtxGetId(context, &id);
-  Module& m = Modules()[context];
-  // A destroyed context's handle can come back for a new one (cuDevicePrimaryCtxReset, or
-  // cuCtxDestroy then cuCtxCreate), whose module is not loaded yet: the old one went with
-  // its context.
-  if (m.context_id != id) m = Module{};
-  m.context_id = id;
-  if (m.module != nullptr || m.status != kSuccess) return m;
+void Load(const Driver* d, CUcontext context, Module* m) {
   ContextScope scope(d, context);
   CUdevice device;
   int major = 0, minor = 0;
@@ -203,67 +218,79 @@ Module& ModuleOf(const Driver* d, CUcontext context) {
   if (r == kSuccess)
     r = d->cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device);
   if (r == kSuccess)
-    r = d->cuDeviceGetAttribute(&m.sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device);
+    r = d->cuDeviceGetAttribute(&m->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device);
   if (r != kSuccess) {
-    m.status = r;
-    m.detail = "could not query the device";
-    return m;
+    m->status = r;
+    m->detail = "could not query the device";
+    return;
   }
   const ImageTable& table = EmbeddedImages();
   const KernelImage* image = PickImage(table, major, minor);
   if (image == nullptr) {
-    m.status = kNoBinary;
-    m.detail = "this build has kernels for " + std::string(table.architectures) +
-               ", none of which runs on a GPU of compute capability " + std::to_string(major) +
-               "." + std::to_string(minor);
-    return m;
+    m->status = kNoBinary;
+    m->detail = "this build has kernels for " + std::string(table.architectures) +
+                ", none of which runs on a GPU of compute capability " + std::to_string(major) +
+                "." + std::to_string(minor);
+    return;
   }
-  r = d->cuModuleLoadData(&m.module, image->begin);
+  r = d->cuModuleLoadData(&m->module, image->begin);
   if (r != kSuccess) {
-    m.status = r;
-    m.detail = std::string("loading the ") + image->arch + " kernels failed";
-    m.module = nullptr;
+    m->status = r;
+    m->detail = std::string("loading the ") + image->arch + " kernels failed";
+    return;
   }
+  m->functions.resize(table.kernel_count);
+  for (int i = 0; i < table.kernel_count; ++i) {
+    r = d->cuModuleGetFunction(&m->functions[i], m->module, table.lowered[i]);
+    if (r != kSuccess) {
+      m->status = r;
+      m->detail = std::string("cuModuleGetFunction(") + table.names[i] + ") in the " + image->arch +
+                  " kernels";
+      return;
+    }
+  }
+}
+
+// The context's module, loaded by the first thread to ask (the others wait for it).
+Module* ModuleOf(const Driver* d, CUcontext context) {
+  unsigned long long id = 0;
+  d->cuCtxGetId(context, &id);
+  Module* m;
+  {
+    std::lock_guard<std::mutex> lock(modules_mutex);
+    Module*& slot = Modules()[context];
+    // A destroyed context's handle can come back for a new one (cuDevicePrimaryCtxReset,
+    // or cuCtxDestroy then cuCtxCreate), whose module is not loaded yet. The old entry is
+    // left allocated: a thread may still hold it.
+    if (slot == nullptr || slot->context_id != id) slot = new Module(id);
+    m = slot;
+  }
+  std::call_once(m->loaded, Load, d, context, m);
   return m;
 }
 
-// The function `name` of the context's module (m must be loaded).
-Result FunctionOf(const Driver* d, Module& m, const std::string& name, CUfunction* function) {
-  const auto found = m.functions.find(name);
-  if (found != m.functions.end()) {
-    *function = found->second;
-    return kSuccess;
-  }
-  const ImageTable& table = EmbeddedImages();
-  for (int i = 0; i < table.kernel_count; ++i) {
-    if (name != table.names[i]) continue;
-    const Result r = d->cuModuleGetFunction(function, m.module, table.lowered[i]);
-    if (r != kSuccess) return Fail(r, "cuModuleGetFunction(" + name + ")");
-    m.functions.emplace(name, *function);
-    return kSuccess;
-  }
-  return Fail(kNoBinary, "kernel " + name + " is not in this build");
-}
-
 // Resolves the driver, the stream's context, its module and the function; on success the
-// context is returned too, for the launch.
+// context and module are returned too.
 Result Resolve(const Driver** d, Stream stream, const std::string& name, CUcontext* context,
-               CUfunction* function, int* sms) {
+               CUfunction* function, Module** module) {
   *d = Get();
   if (*d == nullptr) return Fail(kNoDriver, DriverUnavailableReason());
   Result r = StreamContext(*d, stream, context);
   if (r != kSuccess) return r;
-  std::lock_guard<std::mutex> lock(modules_mutex);
-  Module& m = ModuleOf(*d, *context);
-  if (m.status != kSuccess) return Fail(m.status, m.detail);
-  if (sms) *sms = m.sms;
-  return FunctionOf(*d, m, name, function);
+  const int index = KernelIndex(name);
+  if (index < 0) return Fail(kNoBinary, "kernel " + name + " is not in this build");
+  Module* m = ModuleOf(*d, *context);
+  if (m->status != kSuccess) return Fail(m->status, m->detail);
+  *function = m->functions[index];
+  if (module) *module = m;
+  return kSuccess;
 }
 
 }  // namespace
 
 Result LaunchKernel(const std::string& name, Dim3 grid, Dim3 block, size_t shared_bytes,
                     Stream stream, void** args) {
+  last_detail.clear();  // a failure's detail is never carried over to a later one
   const Driver* d;
   CUcontext context;
   CUfunction function;
@@ -281,20 +308,24 @@ int64_t ResidentBlocks(const std::string& name, int block_threads, Stream stream
   const Driver* d;
   CUcontext context;
   CUfunction function;
-  int sms = 0;
-  if (Resolve(&d, stream, name, &context, &function, &sms) != kSuccess) return 0;
-  std::lock_guard<std::mutex> lock(modules_mutex);
-  Module& m = Modules()[context];
+  Module* m;
+  if (Resolve(&d, stream, name, &context, &function, &m) != kSuccess) return 0;
   const std::string key = name + "/" + std::to_string(block_threads);
-  const auto found = m.resident.find(key);
-  if (found != m.resident.end()) return found->second;
+  {
+    std::lock_guard<std::mutex> lock(m->resident_mutex);
+    const auto found = m->resident.find(key);
+    if (found != m->resident.end()) return found->second;
+  }
   int per_sm = 0;
-  ContextScope scope(d, context);
-  if (d->cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, function, block_threads, 0) !=
-      CUDA_SUCCESS)
-    return 0;
-  const int64_t blocks = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
-  m.resident.emplace(key, blocks);
+  {
+    ContextScope scope(d, context);
+    if (d->cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, function, block_threads, 0) !=
+        CUDA_SUCCESS)
+      return 0;
+  }
+  const int64_t blocks = int64_t{m->sms} * (per_sm > 0 ? per_sm : 1);
+  std::lock_guard<std::mutex> lock(m->resident_mutex);
+  m->resident.emplace(key, blocks);
   return blocks;
 }
 
@@ -349,6 +380,7 @@ const char* ErrorString(Result result) {
   }
   text = std::string(what) + " (CUresult " + std::to_string(result) + ")";
   if (result != kSuccess && !last_detail.empty()) text += ": " + last_detail;
+  last_detail.clear();  // told once: it must not reach a later, unrelated failure
   return text.c_str();
 }
 
