@@ -7,12 +7,13 @@
 #error "gpu_launch.h is for the GPU kernels, built only with GOOGLE_CUDA=1"
 #endif
 
-#ifndef EIGEN_USE_GPU
-#define EIGEN_USE_GPU
+#ifndef EIGEN_USE_GPU  // must be set before the first Eigen header: on the command line
+#error "gpu_launch.h is for the GPU kernels, built only with EIGEN_USE_GPU"
 #endif
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -23,14 +24,19 @@
 
 namespace tfbn {
 
+// The launchers' dtype code of T; a T with no CUDA kernels has none and does not compile.
 template <typename T>
-constexpr cuda::DType kDType = cuda::DType::kFloat;
+struct CudaDType;
 template <>
-constexpr cuda::DType kDType<Eigen::half> = cuda::DType::kHalf;
+struct CudaDType<Eigen::half> : std::integral_constant<cuda::DType, cuda::DType::kHalf> {};
 template <>
-constexpr cuda::DType kDType<Eigen::bfloat16> = cuda::DType::kBFloat16;
+struct CudaDType<Eigen::bfloat16> : std::integral_constant<cuda::DType, cuda::DType::kBFloat16> {};
 template <>
-constexpr cuda::DType kDType<double> = cuda::DType::kDouble;
+struct CudaDType<float> : std::integral_constant<cuda::DType, cuda::DType::kFloat> {};
+template <>
+struct CudaDType<double> : std::integral_constant<cuda::DType, cuda::DType::kDouble> {};
+template <typename T>
+constexpr cuda::DType kDType = CudaDType<T>::value;
 
 // TensorFlow's compute stream for the op's device: the launchers enqueue there, so the
 // work is ordered with the ops before and after it and nothing waits on the host.

@@ -53,8 +53,11 @@ class StatsOp : public TfbnOpKernel<StatsIo> {
   void Compute(tensorflow::OpKernelContext* ctx) override {
     Layout layout;
     const float* weights = nullptr;
-    OP_REQUIRES_OK(ctx, Launcher::kWeightsOnHost ? Prepare(ctx, &layout, &weights)
-                                                 : PrepareUnreadWeights(ctx, &layout, &weights));
+    if constexpr (Launcher::kWeightsOnHost) {
+      OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
+    } else {  // device memory: the host never reads the weights (docs/gpu.md)
+      OP_REQUIRES_OK(ctx, PrepareUnreadWeights(ctx, &layout, &weights));
+    }
     tensorflow::Tensor* partial;
     OP_REQUIRES_OK(
         ctx, ctx->allocate_output(
@@ -137,8 +140,11 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
     const tensorflow::Tensor& x = Get(ctx, In::kX);
     Layout layout;
     const float* weights = nullptr;
-    OP_REQUIRES_OK(ctx, Launcher::kWeightsOnHost ? Prepare(ctx, &layout, &weights)
-                                                 : PrepareUnreadWeights(ctx, &layout, &weights));
+    if constexpr (Launcher::kWeightsOnHost) {
+      OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
+    } else {  // device memory: the host never reads the weights (docs/gpu.md)
+      OP_REQUIRES_OK(ctx, PrepareUnreadWeights(ctx, &layout, &weights));
+    }
     tensorflow::Tensor *dx, *dscale, *doffset;
     const tensorflow::TensorShape channels({layout.channels});
     // Both launchers read each element of dy before they write that element of dx.
