@@ -47,7 +47,7 @@ def apply_ops(t):
     yield f"GradApply<{t}>"
     yield f"GradApplyDyOnly<{t}>"
     for a in ACTIVATIONS:
-        for residual in ("false", "true"):
+        for residual in ("false", "true") if a else ("true",):  # identity alone: ForwardApply
             yield f"EpilogueForwardApply<{t}, {a}, {residual}>"
 
 

@@ -111,6 +111,11 @@ Result BatchNormForwardEpilogue(DType dtype, const Layout& layout, const void* x
   if (C == 0) return kSuccess;
   const int act = static_cast<int>(args.activation);
   if (act < 0 || act >= kNumActivations) return kInvalidValue;
+  // Nothing to add or activate: the plain op's kernels, the same math (so the epilogue's
+  // apply kernels for that case are not built).
+  if (args.activation == Activation::kIdentity && residual == nullptr)
+    return BatchNormForward(dtype, layout, x, scale, offset, mean, variance, args, y, batch_mean,
+                            batch_variance, mean_lo, workspace, workspace_bytes, stream);
   const ReducePlan plan = MakeReducePlan(layout, VecOf(dtype), args.training);
   const WorkspacePlan w = MakeWorkspacePlan(layout, plan, ParamBytes(dtype), kForwardCoefRows);
   if (workspace_bytes < w.total() || !GridFits(layout, plan)) return kInvalidValue;
@@ -174,7 +179,8 @@ void ForEachEpilogueKernelName(const NameSink& sink) {
   for (DType t : kAllDTypes) {
     sink(ForwardFinalizeName(t));
     for (int act = 0; act < kNumActivations; ++act) {
-      for (bool res : {false, true}) ForEachApplyName(ForwardApplyOp(t, act, res), t, sink);
+      for (bool res : {false, true})
+        if (act != 0 || res) ForEachApplyName(ForwardApplyOp(t, act, res), t, sink);
       ForEachReduceName(GradSumsOp(t, act), t, sink);
       sink(GradRowsName(t, act));
       sink(GradFlatName(t, act, VecOf(t)));
