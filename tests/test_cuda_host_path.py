@@ -61,9 +61,9 @@ def run(fake_driver):
 
 @pytest.mark.parametrize("compute_capability, image", [("90", "sm_90"), ("100", "ptx")])
 def test_every_entry_point_launches_kernels_of_the_build(run, compute_capability, image):
-    """Every entry point, in every dtype, both layouts and every mode: no error, and every
-    launch names a kernel of the image with its number of arguments (the PTX image says
-    how many each kernel takes)."""
+    """Every entry point, in every dtype, both layouts and every mode, aligned or not: no
+    error, and every launch names a kernel of the image with its number of arguments (the
+    PTX image says how many each kernel takes)."""
     r = run("matrix", compute_capability)
     assert r["errors"] == [], r["errors"][:10]
     assert r["image"] == image
@@ -75,6 +75,10 @@ def test_every_entry_point_launches_kernels_of_the_build(run, compute_capability
     assert wrong == []
     assert r["module_loads"] == 1
     assert r["allocations_outstanding"] == 0  # every workspace freed
+    # and every kernel of the image is launched by some case: none is built for nothing,
+    # and no launch path goes untried (the lookups: each kernel once, at the first launch)
+    launched = {launch["kernel"] for launch in r["launches"]}
+    assert len(launched) == (r["image_kernels"] if image == "ptx" else r["function_lookups"])
     # the rows reduction addresses its shared memory as [V][TY][TX] with TX * TY == 256
     rows = [launch["block"] for launch in r["launches"] if "ReduceRowsKernel" in launch["kernel"]]
     assert rows and all(int(x) * int(y) * int(z) == 256 for x, y, z in (b.split(",") for b in rows))

@@ -53,6 +53,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int module_loads = 0, function_lookups = 0, allocations = 0;
 static char last_error[512];
 static char loaded_image[16] = "none";
+static int image_kernels = 0;
 
 #define MAX_KERNELS 4096
 typedef struct {
@@ -97,6 +98,8 @@ int fake_cuda_launch_count(void) { return launch_count; }
 const char* fake_cuda_last_error(void) { return last_error; }
 /* The last image loaded: "sm_90" (a cubin, from its ELF flags) or "ptx". */
 const char* fake_cuda_loaded_image(void) { return loaded_image; }
+/* The kernels of the last PTX image loaded (0 for a cubin, whose kernels are not listed). */
+int fake_cuda_image_kernels(void) { return image_kernels; }
 /* "name|gx,gy,gz|bx,by,bz|shared|args|params" */
 const char* fake_cuda_launch(int i) {
   static __thread char line[700];
@@ -223,6 +226,7 @@ CUresult cuModuleLoadData(CUmodule* module, const void* image) {
     m->size = strlen(image);
     snprintf(loaded_image, sizeof loaded_image, "ptx");
     ReadPtxEntries(m);
+    image_kernels = m->kernel_count;
   } else {
     free(m);
     return Refuse(kInvalidImage, "cuModuleLoadData", "neither a cubin nor PTX");

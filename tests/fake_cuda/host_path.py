@@ -31,22 +31,33 @@ LAYOUTS = [
     ((2, 16, 4, 4), 1),
     ((2, 64, 56, 56), 1),
     ((3, 3, 1, 1), 1),
+    ((2, 6, 14, 14), 1),  # inner 196: 16-bit loads of 4 elements
+    ((4, 10, 6), 1),  # inner 6: loads of 2 elements; groups across planes
+    ((3, 5, 10), 1),
+    # large planes: a block's share of a channel for 256 threads, at each load width
+    ((64, 64, 128, 128), 1),
+    ((65536, 16, 2, 98), 1),
+    ((32768, 16, 5, 50), 1),
+    ((1024, 16, 75, 75), 1),
+    ((1024, 256, 256), -1),
 ]
 STREAM = 0x5000  # any handle the fake takes as a stream of its one context
 
 
 class Memory:
-    """Host buffers standing in for device memory, 256-byte aligned like cudaMalloc's."""
+    """Device addresses that nothing reads (the kernels do not run, and the host never
+    touches device memory): 256-byte aligned like cudaMalloc's, or `offset` bytes past
+    that, from a range no host memory uses."""
 
-    def __init__(self):
-        self.keep = []
+    def __init__(self, offset=0):
+        self.next = 1 << 44
+        self.offset = offset
 
     def tensor(self, shape, dtype):
         nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
-        buf = np.empty(nbytes + 256, np.uint8)
-        self.keep.append(buf)
-        ptr = buf.ctypes.data
-        return (ptr + (-ptr) % 256, tuple(shape), dtype)
+        address = self.next + self.offset
+        self.next += (nbytes + self.offset + 511) // 256 * 256
+        return (address, tuple(shape), dtype)
 
 
 def load(core_path, fake_path):
@@ -131,19 +142,22 @@ def launches(fake):
 def scenario_matrix(core, fake):
     """Every entry point, dtype and layout; each must launch, or fail with an error only
     where the fake driver refused a launch (which the test then reports)."""
-    mem = Memory()
     errors, calls = [], 0
     for dtype in ITEMSIZE:
-        for shape, axis in LAYOUTS:
+        # offset: data not 16-byte aligned, which the vector paths need
+        for (shape, axis), offset in [(layout, 0) for layout in LAYOUTS] + [
+                (LAYOUTS[1], ITEMSIZE[dtype]), (LAYOUTS[6], ITEMSIZE[dtype])]:
+            mem = Memory(offset)
             for case, error in every_entry_point(core, mem, dtype, shape, axis):
                 calls += 1
                 if error is not None:
-                    errors.append(f"{dtype} {shape} axis={axis} {case}: {error}")
+                    errors.append(f"{dtype} {shape} axis={axis} offset={offset} {case}: {error}")
     return {"calls": calls, "errors": errors, "launches": launches(fake),
             "module_loads": fake.fake_cuda_module_loads(),
             "function_lookups": fake.fake_cuda_function_lookups(),
             "allocations_outstanding": fake.fake_cuda_allocations(),
             "image": fake.fake_cuda_loaded_image().decode(),
+            "image_kernels": fake.fake_cuda_image_kernels(),
             "architectures": core.cuda_architectures().split()}
 
 
