@@ -41,29 +41,16 @@ template <typename T, typename U>
 using CpuForward = BatchNormOp<CpuLauncher, T, U>;
 template <typename T, typename U>
 using CpuGrad = BatchNormGradOp<CpuLauncher, T, U>;
-// The remaining (T, U) pairs get kernels whose constructor names the dtypes.
-template <typename T, typename U>
-using MismatchedForward = MismatchedDtypesOp<BatchNormIo>;
-template <typename T, typename U>
-using MismatchedGrad = MismatchedDtypesOp<BatchNormGradIo>;
-
-#define TFBN_REGISTER_CPU(T, U, FORWARD, GRAD)                               \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_CPU, T, U, FORWARD<T, U>); \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_CPU, T, U, GRAD<T, U>);
-#define TFBN_REGISTER_PAIR(T, U) TFBN_REGISTER_CPU(T, U, CpuForward, CpuGrad)
-#define TFBN_REGISTER_MISMATCH(T, U) TFBN_REGISTER_CPU(T, U, MismatchedForward, MismatchedGrad)
+#define TFBN_REGISTER_PAIR(T, U)                                                \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_CPU, T, U, CpuForward<T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_CPU, T, U, CpuGrad<T, U>);
 
 TFBN_REGISTER_PAIR(Eigen::half, float)
 TFBN_REGISTER_PAIR(tensorflow::bfloat16, float)
 TFBN_REGISTER_PAIR(float, float)
 TFBN_REGISTER_PAIR(double, double)
-TFBN_REGISTER_MISMATCH(Eigen::half, double)
-TFBN_REGISTER_MISMATCH(tensorflow::bfloat16, double)
-TFBN_REGISTER_MISMATCH(float, double)
-TFBN_REGISTER_MISMATCH(double, float)
-#undef TFBN_REGISTER_MISMATCH
+TFBN_REGISTER_MISMATCHED_DTYPES(DEVICE_CPU)
 #undef TFBN_REGISTER_PAIR
-#undef TFBN_REGISTER_CPU
 
 }  // namespace
 }  // namespace tfbn

@@ -65,31 +65,18 @@ template <typename T, typename U>
 using GpuForward = BatchNormOp<GpuLauncher, T, U>;
 template <typename T, typename U>
 using GpuGrad = BatchNormGradOp<GpuLauncher, T, U>;
-template <typename T, typename U>
-using MismatchedForward = MismatchedDtypesOp<BatchNormIo>;
-template <typename T, typename U>
-using MismatchedGrad = MismatchedDtypesOp<BatchNormGradIo>;
 
-// Every activation, with or without a residual. The mismatched (T, U) pairs get the
-// kernels that only report the dtypes, as on the CPU: without soft placement a graph
-// pinned to the GPU would otherwise get "no registered kernel" instead of that message.
-#define TFBN_REGISTER_GPU(T, U, FORWARD, GRAD)                               \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_GPU, T, U, FORWARD<T, U>); \
-  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_GPU, T, U, GRAD<T, U>);
-#define TFBN_REGISTER_PAIR(T, U) TFBN_REGISTER_GPU(T, U, GpuForward, GpuGrad)
-#define TFBN_REGISTER_MISMATCH(T, U) TFBN_REGISTER_GPU(T, U, MismatchedForward, MismatchedGrad)
+// Every activation, with or without a residual.
+#define TFBN_REGISTER_PAIR(T, U)                                                \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE_GPU, T, U, GpuForward<T, U>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE_GPU, T, U, GpuGrad<T, U>);
 
 TFBN_REGISTER_PAIR(Eigen::half, float)
 TFBN_REGISTER_PAIR(tensorflow::bfloat16, float)
 TFBN_REGISTER_PAIR(float, float)
 TFBN_REGISTER_PAIR(double, double)
-TFBN_REGISTER_MISMATCH(Eigen::half, double)
-TFBN_REGISTER_MISMATCH(tensorflow::bfloat16, double)
-TFBN_REGISTER_MISMATCH(float, double)
-TFBN_REGISTER_MISMATCH(double, float)
-#undef TFBN_REGISTER_MISMATCH
+TFBN_REGISTER_MISMATCHED_DTYPES(DEVICE_GPU)
 #undef TFBN_REGISTER_PAIR
-#undef TFBN_REGISTER_GPU
 
 }  // namespace
 }  // namespace tfbn

@@ -154,3 +154,17 @@ class BatchNormGradOp : public TfbnOpKernel<BatchNormGradIo> {
 };
 
 }  // namespace tfbn
+
+// The (T, U) pairs the kernels do not take get, on DEVICE too, kernels whose constructor
+// names the dtypes (an eager call, or a graph pinned to the device without soft placement,
+// would otherwise get "no kernel registered").
+#define TFBN_REGISTER_MISMATCHED_PAIR(DEVICE, T, U)                         \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNorm", DEVICE, T, U,                    \
+                          ::tfbn::MismatchedDtypesOp<::tfbn::BatchNormIo>); \
+  TFBN_REGISTER_KERNEL_TU("TfbnBatchNormGrad", DEVICE, T, U,                \
+                          ::tfbn::MismatchedDtypesOp<::tfbn::BatchNormGradIo>);
+#define TFBN_REGISTER_MISMATCHED_DTYPES(DEVICE)                         \
+  TFBN_REGISTER_MISMATCHED_PAIR(DEVICE, Eigen::half, double)            \
+  TFBN_REGISTER_MISMATCHED_PAIR(DEVICE, ::tensorflow::bfloat16, double) \
+  TFBN_REGISTER_MISMATCHED_PAIR(DEVICE, float, double)                  \
+  TFBN_REGISTER_MISMATCHED_PAIR(DEVICE, double, float)
