@@ -164,10 +164,11 @@ int KernelIndex(const std::string& name) {
 }
 
 // The kernels of one context: its image, loaded at the first launch in the context with
-// every function resolved at once. Later launches make no driver call but the launch and
-// load nothing: with CUDA's lazy loading, loading a kernel may synchronize the context,
-// and a launch between two split ops could then wait on an all-reduce that waits on
-// another device's next launch.
+// every function resolved at once. Later launches load nothing (they ask for the stream's
+// context and its id, take the map's lock for a lookup, and read the function table): with
+// CUDA's lazy loading, loading a kernel may synchronize the context, and a launch between
+// two split ops could then wait on an all-reduce that waits on another device's next
+// launch.
 struct Module {
   explicit Module(unsigned long long id) : context_id(id) {}
   const unsigned long long context_id;  // cuCtxGetId: unique in the process, unlike a handle
