@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 LINT_PY_EXCLUDE ?=
 LINT_CC ?= cc
 
-.PHONY: all install xla-deps lint test bench docs clean
+.PHONY: all install system-deps lint test bench docs clean
 
 all: install
 
@@ -21,27 +21,30 @@ $(DEPS): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# The XLA lowerings need the highwayhash and farmhash headers, which the TensorFlow
-# wheel's XLA headers include but do not ship. Best effort: installed with apt-get where
-# missing and running as root; otherwise the build leaves the lowerings out and says why
-# (tfbn.build_info()["xla_reason"]).
-XLA_HEADERS := /usr/include/highwayhash/arch_specific.h /usr/include/farmhash.h
-xla-deps:
-	@for h in $(XLA_HEADERS); do [ -e $$h ] || missing=1; done; \
+# Headers from Debian that the build uses where they are: highwayhash and farmhash for the
+# XLA lowerings (the TensorFlow wheel's XLA headers include but do not ship them), zlib for
+# compressing the CUDA images. Best effort: installed with apt-get where missing and
+# running as root; otherwise the build leaves the lowerings out and says why
+# (tfbn.build_info()["xla_reason"]), and embeds the images uncompressed.
+SYSTEM_HEADERS := /usr/include/highwayhash/arch_specific.h /usr/include/farmhash.h \
+                  /usr/include/zlib.h
+SYSTEM_PACKAGES := libhighwayhash-dev libfarmhash-dev zlib1g-dev
+system-deps:
+	@for h in $(SYSTEM_HEADERS); do [ -e $$h ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "make: installing libhighwayhash-dev libfarmhash-dev (for the XLA lowerings)"; \
+	    echo "make: installing $(SYSTEM_PACKAGES) (XLA lowerings, compressed CUDA images)"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends libhighwayhash-dev libfarmhash-dev) >/dev/null 2>&1 \
-	      || echo "make: could not install them; building without the XLA lowerings"; \
+	      --no-install-recommends $(SYSTEM_PACKAGES)) >/dev/null 2>&1 \
+	      || echo "make: could not install them; building without what they serve"; \
 	  else \
-	    echo "make: highwayhash/farmhash headers missing (as root: apt-get install" \
-	         "libhighwayhash-dev libfarmhash-dev); building without the XLA lowerings"; \
+	    echo "make: headers missing (as root: apt-get install $(SYSTEM_PACKAGES));" \
+	         "building without the XLA lowerings or without compressed CUDA images"; \
 	  fi; \
 	fi
 
 # scikit-build-core keeps its CMake build in build/, so a rebuild is incremental.
-install: $(DEPS) xla-deps
+install: $(DEPS) system-deps
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
 lint: $(DEPS)

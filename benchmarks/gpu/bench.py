@@ -359,6 +359,8 @@ def write(out_dir, core, path, results, started, final=False, epilogue=None, spl
                    "torch_cuda": torch.version.cuda, "tfbn_core": path,
                    "cuda_compiler": core.cuda_compiler_version(),
                    "cuda_images": core.cuda_architectures(),
+                   "cuda_image_compression": getattr(core, "cuda_image_compression",
+                                                     lambda: "none")(),
                    "cuda_driver": core.cuda_driver_version(), "python": platform.python_version(),
                    "summary": summary, "results": results, "epilogue": epilogue or [],
                    "split": split or []},

@@ -29,6 +29,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "core/batch_norm.h"
 
@@ -144,6 +145,11 @@ Result ApplyGradWithSums(DType dtype, const Layout& layout, const void* dy, cons
 // ("sm_60 ... sm_90 compute_90"), without touching the driver.
 int CompilerVersion();
 const char* Architectures();
+// How the images are embedded: "zlib" (inflated at their first use) or "none".
+const char* ImageCompression();
+// One embedded image as the driver gets it (inflated; a PTX image ends in its NUL), for
+// tools and tests. Empty, with *error set, for an arch not in Architectures().
+std::string InflatedImage(const std::string& arch, std::string* error);
 // The driver's version (e.g. 12080), 0 without a usable libcuda. Opens libcuda (once).
 int DriverVersion();
 // Devices the driver sees, 0 without a driver or a GPU.

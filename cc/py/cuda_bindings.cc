@@ -168,6 +168,20 @@ void RegisterCudaBindings(py::module_& m) {
   m.def(
       "cuda_architectures", [] { return std::string(cuda::Architectures()); },
       "The embedded kernel images, e.g. 'sm_60 sm_70 ... sm_90 compute_90'.");
+  m.def(
+      "cuda_image_compression", [] { return std::string(cuda::ImageCompression()); },
+      "How the kernel images are embedded: 'zlib' (inflated at their first use) or 'none'.");
+  m.def(
+      "cuda_image",
+      [](const std::string& arch) {
+        std::string error;
+        std::string image = cuda::InflatedImage(arch, &error);
+        if (!error.empty()) throw py::value_error("cuda_image: " + error);
+        return py::bytes(image);
+      },
+      py::arg("arch"),
+      "One embedded kernel image as the driver gets it: the cubin of 'sm_XX', or the "
+      "NUL-terminated PTX of 'compute_XX' (no driver needed).");
   m.def("cuda_driver_version", &cuda::DriverVersion, "CUDA driver version, 0 without one.");
   m.def("cuda_workspace_bytes", &WorkspaceBytes, py::arg("shape"), py::arg("dtype"), py::kw_only(),
         py::arg("axis") = -1, py::arg("training") = true, py::arg("backward") = false,

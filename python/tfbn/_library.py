@@ -80,7 +80,8 @@ XLA_LOADED, XLA_REASON = _load_xla()
 
 def build_info():
     """What this build contains: TensorFlow version, CUDA kernels (the NVRTC version that
-    compiled them, "cuda_version", and their architectures),
+    compiled them, "cuda_version", their architectures, and how their images are embedded,
+    "cuda_image_compression": zlib or none),
     whether the XLA lowerings are in it and loaded ("xla"; "xla_reason" says why not), and
     the instruction set the CPU kernels run on ("cpu_instruction_set": isa, supported,
     requested = TFBN_CPU_ISA, warning = why that request was not honoured)."""
@@ -94,6 +95,7 @@ def build_info():
         "cuda": b.CUDA,
         "cuda_version": b.CUDA_VERSION,
         "cuda_architectures": archs,
+        "cuda_image_compression": b.CUDA_IMAGE_COMPRESSION,
         "xla": XLA_LOADED,
         "xla_reason": XLA_REASON,
         "compiler": b.COMPILER,

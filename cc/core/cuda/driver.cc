@@ -234,7 +234,13 @@ void Load(const Driver* d, CUcontext context, Module* m) {
                 "." + std::to_string(minor);
     return;
   }
-  r = d->cuModuleLoadData(&m->module, image->begin);
+  std::vector<unsigned char> inflated;  // the driver copies the image: freed on return
+  const unsigned char* bytes = ImageBytes(*image, &inflated, &m->detail);
+  if (bytes == nullptr) {
+    m->status = kNoBinary;
+    return;
+  }
+  r = d->cuModuleLoadData(&m->module, bytes);
   if (r != kSuccess) {
     m->status = r;
     m->detail = std::string("loading the ") + image->arch + " kernels failed";
@@ -387,6 +393,22 @@ const char* ErrorString(Result result) {
 
 int CompilerVersion() { return EmbeddedImages().compiler_version; }
 const char* Architectures() { return EmbeddedImages().architectures; }
+const char* ImageCompression() { return EmbeddedImages().compression; }
+
+std::string InflatedImage(const std::string& arch, std::string* error) {
+  const ImageTable& table = EmbeddedImages();
+  for (int i = 0; i < table.image_count; ++i) {
+    const KernelImage& image = table.images[i];
+    if (arch != image.arch) continue;
+    std::vector<unsigned char> inflated;
+    const unsigned char* bytes = ImageBytes(image, &inflated, error);
+    if (bytes == nullptr) return {};
+    const size_t size = image.inflated_size ? image.inflated_size : image.end - image.begin;
+    return std::string(reinterpret_cast<const char*>(bytes), size);
+  }
+  *error = "no image for '" + arch + "' in this build (it has " + table.architectures + ")";
+  return {};
+}
 
 int DriverVersion() {
   const Driver* d = Get();

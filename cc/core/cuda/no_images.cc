@@ -6,7 +6,7 @@ namespace tfbn {
 namespace cuda {
 
 const ImageTable& EmbeddedImages() {
-  static const ImageTable table{nullptr, 0, nullptr, nullptr, 0, 0, ""};
+  static const ImageTable table{nullptr, 0, nullptr, nullptr, 0, 0, "", "none"};
   return table;
 }
 
