@@ -8,7 +8,8 @@ thread on sm_90 and ran at 0.90x of separate kernels on an H200, where float32, 
 spills, ran at 1.31x.
 
 This test has NVRTC (the build's compiler, from the pinned wheel, with the build's options)
-compile the fast path of every reduction and elementwise kernel (16-byte vector loads) for
+compile the fast path of every reduction and elementwise kernel (16-byte vector loads; the
+rows reduction also without, for channel counts that are not a multiple of a vector) for
 float32, float16 and bfloat16, and asks ptxas how many bytes each spills. A few bytes are
 loop-invariant 64-bit scalars that ptxas parks in L1-cached local memory outside the hot
 loop; more than SPILL_BUDGET means the loop's own values spill."""
@@ -55,7 +56,8 @@ def hot_kernels():
     ns = "tfbn::cuda::"
     for t, v in VEC.items():
         for op in reduce_ops(t):
-            yield f"{ns}ReduceRowsKernel<{ns}{op}, true>"
+            for aligned in ("true", "false"):  # false: channels not a multiple of the vector
+                yield f"{ns}ReduceRowsKernel<{ns}{op}, {aligned}>"
             for threads_per_channel in (64, 256):
                 yield f"{ns}ReducePlanesKernel<{ns}{op}, {v}, {threads_per_channel}>"
         for op in apply_ops(t):

@@ -22,7 +22,7 @@ constexpr TFBN_HD int UnrollFor(int inputs) { return inputs >= 2 ? 2 : 4; }
 // The rows reduction keeps more loads in flight (its blocks are latency-bound otherwise),
 // except with three 16-bit inputs: a thread's 8 channels' constants (4 per channel for the
 // epilogue) and sums leave no room under the 128-register cap for 4 rows of 3 loads, and
-// that kernel spilled 400 bytes per thread (ptxas, sm_90). The unroll only groups loads:
+// that kernel spilled 404 bytes per thread (ptxas, sm_90). The unroll only groups loads:
 // the order in which elements are summed does not depend on it.
 constexpr TFBN_HD int ReduceUnrollFor(int inputs, int element_bytes) {
   return inputs == 3 && element_bytes == 2 ? UnrollFor(inputs) : 2 * UnrollFor(inputs);

@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kThreads, kReduceMinBlocks)
   const int64_t tile = blockIdx.x % tiles, b = blockIdx.x / tiles;
   const int64_t c0 = (tile * TX + tx) * V;
   const int64_t r_end = Split(b + 1, nb, rows);
-  // Shared memory [2][V][TY][TX] (TX * TY == kThreads, the launch plan's): lane l's slot is
+  // Shared memory [2][V][TY][TX] (TX * TY <= kThreads, TY a power of two for the merge
+  // tree: the launch plan gives TX * TY == kThreads): lane l's slot is
   // l * kThreads past the thread's first, a constant offset from one address (an address
   // per lane, live across the loop, cost 2 * V registers); conflict-free across tx.
   extern __shared__ double smem[];
