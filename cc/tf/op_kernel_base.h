@@ -83,6 +83,18 @@ class TfbnOpKernel : public WithOpAttrs<tensorflow::OpKernel, Io> {
     *weights = v.data();
     return absl::OkStatus();
   }
+
+  // The weighted ops' Prepare for a device: checked on the host where they live there,
+  // passed on unread where the host must not read them (device memory; docs/gpu.md).
+  template <bool kWeightsOnHost>
+  absl::Status PrepareWeights(tensorflow::OpKernelContext* ctx, Layout* layout,
+                              const float** weights) const {
+    if constexpr (kWeightsOnHost) {
+      return Prepare(ctx, layout, weights);
+    } else {
+      return PrepareUnreadWeights(ctx, layout, weights);
+    }
+  }
 };
 
 // Registered for the (T, U) pairs the kernels do not take, so that an eager call gets the

@@ -53,11 +53,7 @@ class StatsOp : public TfbnOpKernel<StatsIo> {
   void Compute(tensorflow::OpKernelContext* ctx) override {
     Layout layout;
     const float* weights = nullptr;
-    if constexpr (Launcher::kWeightsOnHost) {
-      OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
-    } else {  // device memory: the host never reads the weights (docs/gpu.md)
-      OP_REQUIRES_OK(ctx, PrepareUnreadWeights(ctx, &layout, &weights));
-    }
+    OP_REQUIRES_OK(ctx, PrepareWeights<Launcher::kWeightsOnHost>(ctx, &layout, &weights));
     tensorflow::Tensor* partial;
     OP_REQUIRES_OK(
         ctx, ctx->allocate_output(
@@ -140,11 +136,7 @@ class GradApplyOp : public TfbnOpKernel<GradApplyIo> {
     const tensorflow::Tensor& x = Get(ctx, In::kX);
     Layout layout;
     const float* weights = nullptr;
-    if constexpr (Launcher::kWeightsOnHost) {
-      OP_REQUIRES_OK(ctx, Prepare(ctx, &layout, &weights));
-    } else {  // device memory: the host never reads the weights (docs/gpu.md)
-      OP_REQUIRES_OK(ctx, PrepareUnreadWeights(ctx, &layout, &weights));
-    }
+    OP_REQUIRES_OK(ctx, PrepareWeights<Launcher::kWeightsOnHost>(ctx, &layout, &weights));
     tensorflow::Tensor *dx, *dscale, *doffset;
     const tensorflow::TensorShape channels({layout.channels});
     // Both launchers read each element of dy before they write that element of dx.
