@@ -108,19 +108,18 @@ def compress(data):
     return zlib.compress(data, 9)
 
 
-def write_outputs(out_dir, archs, images, names, lowered, version, compressed):
+def write_outputs(out_dir, archs, blobs, names, lowered, version, compressed):
     asm = [".section .rodata.tfbn_cuda_images,\"a\",@progbits"]
     decls, rows = [], []
     stored = {}
     for i, arch in enumerate(archs):
         ext = "ptx" if arch.startswith("compute_") else "cubin"
         path = os.path.join(out_dir, f"{arch}.{ext}")
-        data = images[arch] + b"\0"  # PTX: the terminating NUL; cubin: ignored
         with open(path, "wb") as f:
-            f.write(data)
+            f.write(blobs[arch])
         inflated_size = 0
         if compressed:
-            path, inflated_size = path + ".z", len(data)
+            path, inflated_size = path + ".z", len(blobs[arch])
             with open(path, "wb") as f:
                 f.write(compressed[arch])
         stored[arch] = os.path.getsize(path)
@@ -215,13 +214,14 @@ def main():
         if lowered_by_arch[arch] != lowered:
             print(f"lowered names differ between {archs[0]} and {arch}", file=sys.stderr)
             return 1
+    blobs = {a: images[a] + b"\0" for a in archs}  # PTX: the terminating NUL; cubin: ignored
     compressed = {}
     if args.compress:  # zlib releases the GIL: one thread per image
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            compressed = dict(zip(archs, pool.map(lambda a: compress(images[a] + b"\0"), archs)))
-    stored = write_outputs(args.out_dir, archs, images, names, lowered, version, compressed)
+            compressed = dict(zip(archs, pool.map(lambda a: compress(blobs[a]), archs)))
+    stored = write_outputs(args.out_dir, archs, blobs, names, lowered, version, compressed)
     print(f"embedded images: {sum(stored.values()) / 1e6:.1f} MB"
-          + (f" (zlib, {sum(len(images[a]) + 1 for a in archs) / 1e6:.1f} MB inflated)"
+          + (f" (zlib, {sum(map(len, blobs.values())) / 1e6:.1f} MB inflated)"
              if compressed else ""), flush=True)
     with open(os.path.join(args.out_dir, "kernel_resources.tsv"), "w") as f:
         f.write("arch\tregisters\tspill_store_bytes\tspill_load_bytes\tkernel\n")
